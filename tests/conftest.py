@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random models built around real tokenizers and real chat templates.
+
+The tokenizers come from the SmolLM2 fixture (cached safetensors dir built from its registry
+package); the models are 2-4 layer random configs, so the suite runs in seconds on a laptop CPU.
+Tests that load real weights are marked `slow`; run them with `pytest -m slow` or SAFESTEER_SLOW=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SAFESTEER_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow real-model test: run with -m slow or SAFESTEER_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    # No skip when the asset package is missing: the suite must fail loudly on a broken install.
+    from safesteer.models import prepare_builtin
+
+    return prepare_builtin("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def make_tiny_model(tokenizer, arch: str = "llama", n_layers: int = 4, hidden: int = 32, seed: int = 0):
+    """A random causal LM whose vocabulary matches `tokenizer` (so chat templates are real)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    configs = {
+        "llama": lambda: T.LlamaConfig(**common),
+        "qwen2": lambda: T.Qwen2Config(**common),
+        "qwen3": lambda: T.Qwen3Config(**common, head_dim=hidden // 4),
+        "mistral": lambda: T.MistralConfig(**common),
+        "gemma": lambda: T.GemmaConfig(**common, head_dim=hidden // 4),
+        "phi3": lambda: T.Phi3Config(**common),
+        "gpt2": lambda: T.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=n_layers, n_head=4,
+                                     n_positions=512, eos_token_id=tokenizer.eos_token_id,
+                                     bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id),
+        "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                                            num_hidden_layers=n_layers, num_attention_heads=4,
+                                            max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                                            bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id),
+    }
+    model = T.AutoModelForCausalLM.from_config(configs[arch]())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox")
+
+
+@pytest.fixture
+def tiny_model(smol_tokenizer):
+    return make_tiny_model(smol_tokenizer)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, smol_tokenizer):
+    """A tiny random model saved as a plain HF directory with the real tokenizer and chat template."""
+    model = make_tiny_model(smol_tokenizer)
+    out = tmp_path / "tiny-model"
+    model.save_pretrained(out)
+    smol_tokenizer.save_pretrained(out)
+    return out
