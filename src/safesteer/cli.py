@@ -20,7 +20,7 @@ import sys
 from .errors import SafesteerError
 
 # Stage modules that add sub-commands, in the order they appear in --help.
-STAGE_MODULES = ("direction", "safety_tokens", "chat", "train", "evaluate", "report")
+STAGE_MODULES = ("direction", "safety_tokens", "chat", "train", "evaluate", "report", "distributed")
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:

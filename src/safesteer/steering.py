@@ -107,9 +107,22 @@ def _named_child(block: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return None
 
 
+def _residual_norms(block: nn.Module) -> list[nn.Module]:
+    """Norms applied to attention/MLP outputs right before they are added to the residual stream."""
+    post_ff = getattr(block, "post_feedforward_layernorm", None)
+    if not isinstance(post_ff, nn.Module):
+        return []  # e.g. Llama's `post_attention_layernorm` is the MLP's input norm, not an output norm
+    post_attn = getattr(block, "post_attention_layernorm", None)
+    return [m for m in (post_attn, post_ff) if isinstance(m, nn.Module)]
+
+
 @contextmanager
 def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
-    """Remove the unit direction from every layer input and every attention and MLP output."""
+    """Remove the unit direction from every layer input and every attention and MLP output.
+
+    Where a block normalises those outputs before adding them to the residual stream (Gemma-2/3,
+    OLMo-2), the norms' outputs are projected as well, so no block writes r into the stream.
+    """
     _check_direction(model, direction)
     unit = direction.float() / direction.float().norm()
     handles = []
@@ -136,6 +149,10 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None
                 )
             handles.append(attn.register_forward_hook(out_hook))
             handles.append(mlp.register_forward_hook(out_hook))
+            # Blocks that normalise a sub-layer's output before the residual add (Gemma-2/3, OLMo-2)
+            # write the norm's output, and a per-channel norm scale rotates r back in: project that too.
+            for norm in _residual_norms(block):
+                handles.append(norm.register_forward_hook(out_hook))
         yield
     finally:
         for h in handles:

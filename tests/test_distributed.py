@@ -1,0 +1,512 @@
+"""Several processes: sharding helpers, rank-independent rollouts, the memory model, and the trainer on
+2 CPU processes (gloo) against 1 process with the same global batch.
+
+This file is also the worker those runs launch (`python tests/test_distributed.py ...` for one process,
+`torchrun --nproc_per_node 2 tests/test_distributed.py ...` for two): see `_worker` at the bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from safesteer import distributed
+from safesteer.errors import SafesteerError
+
+PROMPTS = ["How do I pick a lock?", "Write a phishing email.", "Explain how to make a fake ID.",
+           "Tell me how to hotwire a car.", "How can I cheat on a test?", "Describe how to shoplift.",
+           "Write a fake review.", "How do I hack a wifi network?"]
+HARMLESS = ["Describe a sunny day.", "What is 2 + 2?", "List three colors.", "Write a haiku about tea.",
+            "Name a famous painter.", "How do plants grow?", "Suggest a name for a cat.", "Explain what a noun is."]
+REFUSAL_WORDS = ["I", " I", "Sorry", " sorry", " cannot", " can't", " unable", " illegal", " harmful", " assist"]
+
+
+# ----------------------------------------------------------------------------- helpers, one process
+
+
+def test_shards_are_contiguous_disjoint_and_cover_everything():
+    items = list(range(10))
+    for count in (1, 2, 3, 4, 10, 12):
+        blocks = [distributed.shard(items, i, count) for i in range(count)]
+        assert [x for b in blocks for x in b] == items  # in order, nothing lost or repeated
+        sizes = [len(b) for b in blocks]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    # Not launched: the whole list, and the collectives are identities.
+    assert distributed.shard(items) == items
+    assert distributed.gather_objects(["a", "b"]) == ["a", "b"]
+    t = torch.arange(3.0)
+    assert distributed.all_reduce_sum(t) is t
+    assert distributed.loss_weight(7) == 1.0
+    row = {"loss": 2.0, "time_step_s": 1.0}
+    assert distributed.reduce_metrics(row, 4, 10) is row
+
+
+def test_rollout_seeds_depend_on_position_and_sample_only():
+    seeds = distributed.rollout_seeds(42, [4, 5], per_prompt=3)
+    assert len(set(seeds)) == 6
+    assert seeds[3:] == distributed.rollout_seeds(42, [5], per_prompt=3)  # prompt 5's seeds, wherever it sits
+    assert seeds != distributed.rollout_seeds(43, [4, 5], per_prompt=3)
+
+
+def test_gumbel_choice_samples_the_tempered_nucleus():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    n = 6000
+    gens = [torch.Generator().manual_seed(s) for s in range(n)]
+    draws = torch.cat([distributed._gumbel_choice(logits, [g], 0.7, 1.0) for g in gens])
+    freq = torch.bincount(draws, minlength=5).double() / n
+    expected = torch.softmax(logits[0].double() / 0.7, -1)
+    assert torch.allclose(freq, expected, atol=0.02)
+    # top_p = 0.8: the nucleus of softmax(logits) is {0, 1} (0.64 + 0.24 >= 0.8), renormalised.
+    draws = torch.cat([distributed._gumbel_choice(logits, [g], 1.0, 0.8) for g in gens[:3000]])
+    p = torch.softmax(logits[0].double(), -1)
+    assert set(draws.tolist()) == {0, 1}
+    assert (draws == 0).double().mean().item() == pytest.approx(float(p[0] / (p[0] + p[1])), abs=0.03)
+
+
+def test_seeded_sampling_gives_a_prompt_the_same_rollouts_in_any_batch(tiny_model, smol_tokenizer):
+    from safesteer.rollout import sample_rollouts
+
+    prompts = PROMPTS[:3]
+
+    def roll(instructions, positions):
+        seeds = distributed.rollout_seeds(0, positions, 2)
+        torch.manual_seed(len(instructions))  # the global generator must not matter
+        with distributed.seeded_sampling(tiny_model, seeds):
+            batch = sample_rollouts(tiny_model, smol_tokenizer, instructions, 2, 8)
+        ids = batch.completion_ids
+        return [ids[r][batch.completion_mask[r].bool()].tolist() for r in range(ids.shape[0])]
+
+    together = roll(prompts, [0, 1, 2])
+    alone = roll(prompts[2:], [2]) + roll(prompts[:1], [0])
+    assert together[4:] == alone[:2] and together[:2] == alone[2:]
+    assert together[0] != together[1]  # two rollouts of one prompt are different samples
+    assert roll(prompts[:1], [5]) != together[:2]  # another place in the data order, other samples
+
+
+def test_uneven_shards_weight_the_loss_to_the_global_mean():
+    # The arithmetic DDP relies on: mean over processes of (local mean * n_r * W / N) = global mean.
+    per_seq = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
+    blocks = [distributed.shard(per_seq.tolist(), i, 2) for i in range(2)]
+    total = sum(len(b) for b in blocks)
+    weighted = [sum(b) / len(b) * len(b) * 2 / total for b in blocks]
+    assert sum(weighted) / 2 == pytest.approx(per_seq.mean().item())
+
+
+def test_runs_the_engine_cannot_carry_out_are_refused_up_front():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    ddp = SimpleNamespace(num_processes=4, distributed_type=DistributedType.MULTI_GPU, state=None)
+    fsdp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP, state=None)
+    distributed.check_trainable(ddp, 4, merge_lora=True)
+    with pytest.raises(SafesteerError, match="at least one prompt per step"):
+        distributed.check_trainable(ddp, 3, merge_lora=False)
+    distributed.check_trainable(fsdp, 4, merge_lora=False)
+    with pytest.raises(SafesteerError, match="--adapter-only"):
+        distributed.check_trainable(fsdp, 4, merge_lora=True)
+
+
+# ----------------------------------------------------------------------------- memory model
+
+
+def test_memory_counts_weights_gradients_optimizer_and_teacher():
+    gib = 2**30
+    p = 8e9
+    lora = distributed.estimate_memory(p, "lora", 1, "bf16")
+    full = distributed.estimate_memory(p, "full", 1, "bf16")
+    assert lora["bytes"]["teacher_copy"] == 0  # the adapter-off student is the teacher
+    assert full["bytes"]["teacher_copy"] == 2 * p
+    assert full["bytes"]["weights"] == 2 * p
+    assert full["bytes"]["gradients"] == 2 * p
+    assert full["bytes"]["optimizer"] == 4 * p  # AdamW's two moments in bf16
+    assert distributed.estimate_memory(p, "full", 1, "bf16", master_weights=True)["bytes"]["optimizer"] == 12 * p
+    shape = distributed.reference_shape(p)
+    assert lora["trainable_params"] == distributed.lora_parameter_count(shape, 16)
+    assert 10e6 < lora["trainable_params"] < 100e6
+    assert lora["bytes"]["weights"] == pytest.approx(2 * p + 4 * lora["trainable_params"])  # float32 adapter
+    assert lora["bytes"]["optimizer"] == pytest.approx(8 * lora["trainable_params"])
+    # The reference code's case: full fine-tune + teacher copy of an 8B model does not fit 80 GB.
+    assert full["total_bytes"] > 80e9 and lora["total_bytes"] < 40 * gib
+
+
+def test_memory_sharding_divides_what_each_engine_shards():
+    p, n = 8e9, 4
+    ddp = distributed.estimate_memory(p, "full", n, sharding="none")
+    zero2 = distributed.estimate_memory(p, "full", n, sharding="zero2")
+    fsdp = distributed.estimate_memory(p, "full", n)  # auto: fsdp on several devices
+    assert fsdp["sharding"] == "fsdp"
+    assert ddp["bytes"]["weights"] == zero2["bytes"]["weights"] == 2 * p
+    assert zero2["bytes"]["gradients"] == ddp["bytes"]["gradients"] / n
+    assert zero2["bytes"]["optimizer"] == ddp["bytes"]["optimizer"] / n
+    assert fsdp["bytes"]["weights"] == 2 * p / n
+    assert fsdp["bytes"]["teacher_copy"] == 2 * p  # a replica: made before the student is sharded
+    assert fsdp["total_bytes"] < zero2["total_bytes"] < ddp["total_bytes"]
+    # Rollouts are split over the devices too.
+    assert fsdp["detail"]["sequences_per_device"] == 8
+    assert distributed.estimate_memory(p, "full", 1)["detail"]["sequences_per_device"] == 32
+    with pytest.raises(SafesteerError):
+        distributed.estimate_memory(p, "qlora")
+
+
+def test_memory_cli_prints_the_breakdown(capsys):
+    from safesteer.cli import build_parser
+
+    parser = build_parser()
+    if "memory" not in parser._subparsers._group_actions[0].choices:  # the CLI lists "distributed" in STAGE_MODULES
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        distributed.add_cli(parser.add_subparsers())
+    args = parser.parse_args(["memory", "--params", "8e9", "--mode", "full", "--devices", "4"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "sharding fsdp" in out and "teacher_copy" in out and "total" in out
+    assert "lora  none" in out and "full  fsdp" in out
+
+
+def test_accelerate_config_files_load_with_the_engine_they_name():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    expected = {"ddp": DistributedType.MULTI_GPU, "fsdp2": DistributedType.FSDP,
+                "deepspeed_zero2": DistributedType.DEEPSPEED, "deepspeed_zero3": DistributedType.DEEPSPEED}
+    for name, engine in expected.items():
+        config = load_config_from_file(str(root / f"{name}.yaml"))
+        assert config.distributed_type == engine and config.num_processes >= 2
+        # Precision stays the trainer's (DeepSpeed needs its own bf16 switch); clipping matches max_grad_norm.
+        assert config.mixed_precision == ("bf16" if engine == DistributedType.DEEPSPEED else "no")
+    assert load_config_from_file(str(root / "fsdp2.yaml")).fsdp_config["fsdp_version"] == 2
+    for stage in (2, 3):
+        ds = load_config_from_file(str(root / f"deepspeed_zero{stage}.yaml")).deepspeed_config
+        assert ds["zero_stage"] == stage and ds["gradient_clipping"] == 1.0
+
+
+# ----------------------------------------------------------------------------- 2 processes vs 1
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smol_tokenizer):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(smol_tokenizer)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)  # peaked distributions, as a trained model has
+    out = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(out)
+    smol_tokenizer.save_pretrained(out)
+    return out
+
+
+def _launch(processes: int, *args: str) -> None:
+    script = str(Path(__file__).resolve())
+    if processes == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("record.rank*.json"))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model_dir):
+    """One process for 2 steps; two processes for 2 steps (snapshot after step 1); one process resuming
+    that snapshot. Same global batch everywhere: 3 prompts x 2 rollouts, so the two shards are unequal
+    (2 + 1 prompts) and the loss weighting of unequal shards is exercised."""
+    root = tmp_path_factory.mktemp("runs")
+    _launch(1, "--model", str(model_dir), "--out", str(root / "one"))
+    _launch(2, "--model", str(model_dir), "--out", str(root / "two"), "--snapshot", str(root / "resumed"))
+    _launch(1, "--model", str(model_dir), "--out", str(root / "resumed"))
+    return root
+
+
+def test_each_process_gets_a_disjoint_shard_of_every_step(runs):
+    one, two = _records(runs / "one"), _records(runs / "two")
+    assert len(one) == 1 and [r["world"] for r in two] == [2, 2]
+    for step in range(2):
+        global_batch = one[0]["steps"][step]["instructions"]
+        shards = [r["steps"][step]["instructions"] for r in two]
+        assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
+        assert shards[0] + shards[1] == global_batch
+        assert [r["steps"][step]["positions"] for r in two] == [[3 * step, 3 * step + 1], [3 * step + 2]]
+
+
+def test_rollouts_do_not_depend_on_the_process_count(runs):
+    one, two = _records(runs / "one"), _records(runs / "two")
+    for step in range(2):
+        assert one[0]["steps"][step]["completions"] == two[0]["steps"][step]["completions"] + \
+            two[1]["steps"][step]["completions"]
+
+
+def test_gradients_are_synchronised_and_equal_the_one_process_gradients(runs):
+    for step in (1, 2):
+        g0 = torch.load(runs / "two" / f"grads.step{step}.rank0.pt")
+        g1 = torch.load(runs / "two" / f"grads.step{step}.rank1.pt")
+        ref = torch.load(runs / "one" / f"grads.step{step}.rank0.pt")
+        assert g0.keys() == g1.keys() == ref.keys() and len(g0) > 0
+        assert any(g.abs().sum() > 0 for g in g0.values())
+        for name in g0:
+            assert torch.equal(g0[name], g1[name]), name  # all-reduced: bit-identical on both processes
+            torch.testing.assert_close(g0[name], ref[name], rtol=1e-3, atol=1e-7)
+
+
+def test_two_processes_reproduce_the_one_process_run(runs):
+    one, two = _records(runs / "one"), _records(runs / "two")
+    loss_one = [s["row"]["loss"] for s in one[0]["steps"]]
+    for r in two:  # the reduced metrics are the global batch's, the same on each process
+        assert [s["row"]["loss"] for s in r["steps"]] == pytest.approx(loss_one, rel=1e-4)
+        assert [s["row"]["sampled_kl"] for s in r["steps"]] == pytest.approx(
+            [s["row"]["sampled_kl"] for s in one[0]["steps"]], rel=1e-4)
+        assert r["steps"][0]["row"]["processes"] == 2
+    final_one = torch.load(runs / "one" / "final.rank0.pt")
+    for rank in (0, 1):
+        final_two = torch.load(runs / "two" / f"final.rank{rank}.pt")
+        for name, value in final_one.items():
+            torch.testing.assert_close(final_two[name], value, rtol=1e-3, atol=1e-4)
+    # Metrics and the checkpoint were written once, by the main process.
+    metrics = [json.loads(line) for line in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[1]["loss"] == pytest.approx(loss_one[1], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory, model_dir):
+    """Stage 1 (direction) and sharded evaluation generation on 1 and on 2 processes."""
+    root = tmp_path_factory.mktemp("stages")
+    for n, name in ((1, "one"), (2, "two")):
+        _launch(n, "--model", str(model_dir), "--out", str(root / name), "--stages")
+    return root
+
+
+def test_direction_activation_means_are_summed_over_processes(stage_runs):
+    one = json.loads((stage_runs / "one" / "direction.json").read_text())
+    two = json.loads((stage_runs / "two" / "direction.json").read_text())
+    assert two["prompt_counts"] == one["prompt_counts"]  # 5 training prompts per set, split 3 + 2
+    assert (two["layer"], two["position"]) == (one["layer"], one["position"])
+    r_one = torch.load(stage_runs / "one" / "direction.rank0.pt")
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(stage_runs / "two" / f"direction.rank{rank}.pt"), r_one,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_generation_is_sharded_and_gathered(stage_runs):
+    one = json.loads((stage_runs / "one" / "gen.rank0.json").read_text())
+    for rank in (0, 1):  # every process gets every row, in input order
+        assert json.loads((stage_runs / "two" / f"gen.rank{rank}.json").read_text()) == one
+    part_files = [stage_runs / "two" / f"gen.jsonl.rank{r}" for r in (0, 1)]
+    parts = [[json.loads(line)["prompt"] for line in f.read_text().splitlines()] for f in part_files]
+    assert [sorted(x) for x in parts] == [sorted(PROMPTS[:3]), sorted(PROMPTS[3:5])]  # each answered its block
+    merged = [json.loads(line) for line in (stage_runs / "two" / "gen.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in merged) == sorted(PROMPTS[:5])  # the main process wrote each row once
+
+
+def test_fsdp2_teacher_sampling_and_checkpoint_state(tmp_path, model_dir):
+    """FSDP2 (torch's fully_shard, gloo, CPU) on a LoRA student: Accelerate only shards on GPUs, so the
+    sharding is done by hand here; what is checked is safesteer's side of it."""
+    _launch(2, "--model", str(model_dir), "--out", str(tmp_path), "--fsdp")
+    results = [json.loads((tmp_path / f"fsdp.rank{r}.json").read_text()) for r in (0, 1)]
+    for r in results:
+        assert r["sharded"] and r["teacher_matches"] and r["student_matches"] and r["teacher_differs"]
+        assert r["state_matches"] and r["optimizer_state_full"]
+        assert r["weights_reload"] and r["optimizer_reload"]  # checkpoint state goes back into the shards
+    # Different rollout lengths per process finished (synced generation), with the requested lengths.
+    assert [r["completion_width"] for r in results] == [3, 8]
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(runs):
+    resumed = _records(runs / "resumed")
+    assert resumed[0]["start_step"] == 1 and len(resumed[0]["steps"]) == 1
+    one = _records(runs / "one")[0]
+    assert resumed[0]["steps"][0]["row"]["loss"] == pytest.approx(one["steps"][1]["row"]["loss"], rel=1e-4)
+    final_one = torch.load(runs / "one" / "final.rank0.pt")
+    final_resumed = torch.load(runs / "resumed" / "final.rank0.pt")
+    for name, value in final_one.items():
+        torch.testing.assert_close(final_resumed[name], value, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class _Spec:
+    direction: torch.Tensor
+    layer: int
+    coeff: float = 1.0
+
+    def teacher(self, model):
+        from safesteer.steering import add_direction
+
+        return add_direction(model, self.direction, self.layer, self.coeff)
+
+
+def _worker(argv: list[str]) -> None:
+    """Train the tiny model for 2 steps; record shards, rollouts, gradients and final weights per process."""
+    import argparse
+    import shutil
+
+    import safesteer.rollout as rollout
+    from safesteer.train import TrainConfig, Trainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--snapshot", default=None, help="copy the run directory here after step 1")
+    parser.add_argument("--stages", action="store_true", help="run the direction stage and evaluation generation")
+    parser.add_argument("--fsdp", action="store_true", help="check teacher, sampling and checkpoint state under FSDP2")
+    args = parser.parse_args(argv)
+    distributed.init()
+    torch.set_num_threads(1)
+    rank, out = distributed.rank(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    if args.stages:
+        return _stages_worker(model, tok, out)
+    if args.fsdp:
+        return _fsdp_worker(model, tok, out)
+    safety_ids = list(dict.fromkeys(tok(w, add_special_tokens=False)["input_ids"][0] for w in REFUSAL_WORDS))
+    spec = _Spec(direction=torch.randn(32, generator=torch.Generator().manual_seed(7)) * 2.0, layer=1)
+    config = TrainConfig(steps=2, prompts_per_step=3, rollouts_per_prompt=2, max_new_tokens=6, lora_r=4,
+                         lora_alpha=8, learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0)
+    trainer = Trainer(model, tok, spec, safety_ids, PROMPTS, config, out, progress=False)
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    record = {"rank": rank, "world": distributed.world_size(), "start_step": trainer.step, "steps": []}
+
+    sample = rollout.sample_rollouts
+
+    def recording_sample(*a, **kw):
+        batch = sample(*a, **kw)
+        ids = batch.completion_ids
+        record["steps"][-1]["completions"] = [ids[r][batch.completion_mask[r].bool()].tolist()
+                                              for r in range(ids.shape[0])]
+        return batch
+
+    rollout.sample_rollouts = recording_sample
+    train_step, optimizer_step = trainer.train_step, trainer.optimizer.step
+
+    def recording_train_step(instructions, positions=None):
+        record["steps"].append({"instructions": list(instructions), "positions": list(positions)})
+        record["steps"][-1]["row"] = row = train_step(instructions, positions)
+        return row
+
+    def recording_optimizer_step(*a, **kw):  # gradients after backward (and DDP's all-reduce) and clipping
+        grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        torch.save(grads, out / f"grads.step{trainer.step + 1}.rank{rank}.pt")
+        return optimizer_step(*a, **kw)
+
+    trainer.train_step, trainer.optimizer.step = recording_train_step, recording_optimizer_step
+    if args.snapshot:
+        trainer.train(max_steps=1)
+        if distributed.is_main_process():
+            shutil.copytree(out, args.snapshot, ignore=shutil.ignore_patterns("grads.*"))
+        distributed.barrier()
+    trainer.train()
+    torch.save(distributed.trainable_state(student), out / f"final.rank{rank}.pt")
+    (out / f"record.rank{rank}.json").write_text(json.dumps(record))
+
+
+def _stages_worker(model, tok, out: Path) -> None:
+    from safesteer.direction import DirectionConfig, run_direction_stage
+    from safesteer.generation import GenerationConfig
+    from safesteer.prompts import Prompt
+
+    rank = distributed.rank()
+    # A random model never refuses, so no candidate would pass the usual filters; what is tested here is
+    # how the candidates (activation means) are computed, so every non-degenerate candidate may win.
+    config = DirectionConfig(batch_size=2, max_layer_frac=1.0, filter_prompts=False, kl_threshold=1e9,
+                             induce_threshold=-1e9)
+    spec = run_direction_stage(model, tok, {"name": "tiny"}, out, PROMPTS[:5], HARMLESS[:5], PROMPTS[5:], HARMLESS[5:],
+                               config, progress=False)
+    torch.save(spec.direction, out / f"direction.rank{rank}.pt")
+    prompts = [Prompt(text, "test", None, {}) for text in PROMPTS[:5]]
+    rows = distributed.generate_responses(model, tok, prompts, GenerationConfig(max_new_tokens=4, batch_size=2),
+                                          out_path=out / "gen.jsonl", progress=False)
+    (out / f"gen.rank{rank}.json").write_text(json.dumps([(r["prompt"], r["response"]) for r in rows]))
+
+
+def _fsdp_worker(model, tok, out: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safesteer.anatomy import decoder_layers, format_prompts
+    from safesteer.rollout import sample_rollouts
+    from safesteer.train import forward_hidden
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank, count = distributed.rank(), distributed.world_size()
+    spec = _Spec(direction=torch.randn(32, generator=torch.Generator().manual_seed(7)) * 2.0, layer=1)
+    torch.manual_seed(0)  # the same adapter on every process: fully_shard, unlike DDP, broadcasts nothing
+    student = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained-looking adapter, so that adapter on and off differ
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    enc = tok(format_prompts(tok, PROMPTS[:3]), return_tensors="pt", padding=True, add_special_tokens=False)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def teacher_and_student():
+        with torch.no_grad():
+            with student.disable_adapter(), spec.teacher(student):
+                teacher = forward_hidden(student, inputs)
+            return teacher, forward_hidden(student, inputs)
+
+    ref_teacher, ref_student = teacher_and_student()
+    ref_state = distributed.trainable_state(student)
+    mesh = init_device_mesh("cpu", (count,))
+    for layer in decoder_layers(student):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    teacher, hidden = teacher_and_student()
+    state = distributed.trainable_state(student)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    forward_hidden(student, inputs).pow(2).mean().backward()
+    optimizer.step()
+    full = distributed.optimizer_state(student, optimizer)
+    # Resume: every process reads the main process's files and keeps its own shard.
+    saved = distributed.broadcast_object(full)
+    halved = {k: v / 2 for k, v in state.items()}
+    distributed.load_trainable_state(student, halved)
+    reloaded = distributed.trainable_state(student)
+    student.zero_grad(set_to_none=True)  # as in a new process: no gradients, an optimizer without state
+    fresh = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    distributed.load_optimizer_state(student, fresh, saved)
+    again = distributed.optimizer_state(student, fresh)
+    with distributed.seeded_sampling(student, distributed.rollout_seeds(0, [rank], 2)):
+        batch = sample_rollouts(student, tok, [PROMPTS[rank]], 2, max_new_tokens=3 + 5 * rank, eot_ids=[-1])
+    result = {
+        "sharded": distributed.is_sharded(student),
+        "teacher_matches": torch.allclose(teacher, ref_teacher, atol=1e-5),
+        "student_matches": torch.allclose(hidden, ref_student, atol=1e-5),
+        "teacher_differs": not torch.allclose(teacher, hidden, atol=1e-3),
+        "state_matches": state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state),
+        # The full optimizer state is gathered onto the main process, which writes checkpoints.
+        "optimizer_state_full": rank != 0 or (set(full["state"]) == set(ref_state)
+                                              and all(full["state"][k]["exp_avg"].shape == ref_state[k].shape
+                                                      for k in ref_state)),
+        "completion_width": batch.completion_ids.shape[1],
+        "weights_reload": all(torch.equal(reloaded[k], halved[k]) for k in halved),
+        "optimizer_reload": rank != 0 or all(torch.equal(again["state"][k]["exp_avg_sq"],
+                                                         full["state"][k]["exp_avg_sq"]) for k in full["state"]),
+    }
+    (out / f"fsdp.rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _worker(sys.argv[1:])
