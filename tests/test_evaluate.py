@@ -325,7 +325,7 @@ def test_align_summary_with_models_in_memory(tmp_path, tiny_model, smol_tokenize
     run = _write_direction(tmp_path / "run", tiny_model.config.hidden_size)
     entries = [ModelEntry("base", tiny_model, smol_tokenizer), ModelEntry("aligned", _perturbed(tiny_model), smol_tokenizer)]
     config = EvalConfig.quick(**{**TINY_SIZES, "n_gsm8k": 0, "n_mmlu": 0})
-    results = align_summary(run, entries=entries, config=config)
+    results = align_summary(run, entries=entries, config=config, teacher=True)
     assert list(results["models"]) == ["base", "teacher", "aligned"]
     assert "gsm8k" not in results["models"]["aligned"] and "drift" in results["models"]["aligned"]
     assert (run / "eval" / "results.json").is_file()

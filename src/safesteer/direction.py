@@ -89,7 +89,7 @@ class DirectionConfig:
     induce_threshold: float = field(default=0.0, metadata=_help(
         "discard candidates whose addition leaves the mean harmless-val refusal score below this"))
     positions: tuple[int, ...] | None = field(default=None, metadata=_help(
-        "only score these post-instruction positions, negative from the end, e.g. -1,-2 (default: all)"))
+        "only score these post-instruction positions, negative from the end (--positions=-1,-2; default: all)"))
     layers: tuple[int, ...] | None = field(default=None, metadata=_help(
         "only score these layers, e.g. 6-14 or 8,10,12 (default: all below max_layer_frac)"))
     filter_prompts: bool = field(default=True, metadata=_help(

@@ -946,9 +946,10 @@ def steered_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = No
 def align_summary(run_dir: str | Path, base_model: str | None = None, aligned_dir: str | Path | None = None,
                   args: argparse.Namespace | None = None, config: EvalConfig | None = None,
                   entries: list[ModelEntry] | None = None, teacher: bool | None = None) -> dict:
-    """The before/after evaluation at the end of `safesteer align`: base vs aligned (vs the steered
-    teacher when the run directory holds a direction and `teacher` is not False), EvalConfig.quick()
-    by default, written to RUN_DIR/eval. Prints the table; returns the results.
+    """The before/after evaluation at the end of `safesteer align`: base vs aligned, plus the steered
+    teacher (the run directory's direction) when `teacher` is True (default: `args.eval_teacher`, else
+    off: a third model costs as much time again). EvalConfig.quick() by default, written to RUN_DIR/eval.
+    Prints the table; returns the results.
 
     Pass `entries` (base first) to evaluate models already in memory; otherwise the base model is loaded
     from `args` (the align command's model options) and the aligned one from `aligned_dir` (a merged
@@ -969,8 +970,9 @@ def align_summary(run_dir: str | Path, base_model: str | None = None, aligned_di
         config = EvalConfig.quick(**overrides)
     if entries is None:
         entries = _load_align_entries(run_dir, base_model, aligned_dir, args)
-    has_direction = (run_dir / "direction.safetensors").is_file() and (run_dir / "direction.json").is_file()
-    if teacher is not False and has_direction and not any(e.name == "teacher" for e in entries):
+    if teacher is None:
+        teacher = bool(getattr(args, "eval_teacher", False))
+    if teacher and not any(e.name == "teacher" for e in entries):
         entries = [entries[0], steered_entry(entries[0], run_dir, name="teacher"), *entries[1:]]
     t0 = time.time()
     results = evaluate_models(entries, config, run_dir / "eval", echo=print)

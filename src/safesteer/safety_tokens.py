@@ -498,8 +498,12 @@ def plot_safety_tokens(result: SafetyTokenResult, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.font_manager import FontProperties, findfont, get_font
+
+    # repr makes whitespace visible; characters the font cannot draw (e.g. CJK) become \\u escapes, not boxes.
+    drawable = set(get_font(findfont(FontProperties())).get_charmap())
     n = len(result.ids)
-    labels = [repr(t) for t in result.texts]
+    labels = ["".join(c if ord(c) in drawable else f"\\u{ord(c):04x}" for c in repr(t)) for t in result.texts]
     y = list(range(n))
     fig, (ax_v, ax_p) = plt.subplots(1, 2, sharey=True, figsize=(11, max(2.5, 0.24 * n + 1.2)),
                                      gridspec_kw={"width_ratios": [3, 2]})
