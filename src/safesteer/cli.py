@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Launched by accelerate/torchrun: join the process group before any model is placed, so
+        # each process uses its own device.
+        from .distributed import init
+
+        init()
     try:
         return int(args.func(args) or 0)
     except SafesteerError as exc:
