@@ -282,6 +282,10 @@ def test_choose_candidate_without_survivors_explains_why():
     assert "--kl-threshold" in msg
 
 
+def many(score):
+    return lambda cs: [score(c) for c in cs]
+
+
 def _random_scores(seed, n_pos=4, n_layers=10):
     rng = random.Random(seed)
     return {(p, layer): (rng.uniform(-5, 5), rng.uniform(-2, 3), rng.choice([rng.uniform(0, 0.09), rng.uniform(0.11, 1)]))
@@ -311,9 +315,10 @@ def test_lazy_evaluation_picks_the_same_candidate_as_full_scoring(seed):
         config = D.DirectionConfig(full_scores=full_scores)
         if expected is None:
             with pytest.raises(SafesteerError):
-                D._evaluate(table, 10, config, fn("bypass", 0), fn("kl", 2), fn("induce", 1), progress=False)
+                D._evaluate(table, 10, config, many(fn("bypass", 0)), fn("kl", 2), fn("induce", 1), progress=False)
             continue
-        chosen = table[D._evaluate(table, 10, config, fn("bypass", 0), fn("kl", 2), fn("induce", 1), progress=False)]
+        chosen = table[D._evaluate(table, 10, config, many(fn("bypass", 0)), fn("kl", 2), fn("induce", 1),
+                                   progress=False, group=1 + seed % 4)]
         assert (chosen.position, chosen.layer) == (expected.position, expected.layer)
         assert chosen.chosen and sum(c.chosen for c in table) == 1
         assert all(layer < 8 for _, layer in calls["bypass"]), "layer-excluded candidates must not be scored"
@@ -325,6 +330,40 @@ def test_lazy_evaluation_picks_the_same_candidate_as_full_scoring(seed):
             assert len(calls["kl"]) < 4 * 8
         else:
             assert len(calls["kl"]) == len(calls["induce"]) == 4 * 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_per_copy_ablation_equals_ablate_direction(smol_tok, arch):
+    from safesteer.steering import ablate_direction
+
+    model = _tiny(arch, len(smol_tok))
+    ids = D.refusal_token_ids(smol_tok)
+    enc = D._Encoded(smol_tok, HARMFUL[:5], prefix_cache=True)
+    dirs = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    units = dirs / dirs.norm(dim=-1, keepdim=True)
+    chunks = D._last_logits(model, enc, 5, lambda lg, rows: (rows, D.refusal_scores_from_logits(lg, ids).view(3, -1)),
+                            context=lambda: D._ablate_per_copy(model, units), copies=3)
+    (rows, together), = chunks
+    for k in range(3):
+        alone = D._scores_of(enc, model, ids, 5, context=lambda: ablate_direction(model, dirs[k]))
+        torch.testing.assert_close(together[k], alone[torch.tensor(rows)], atol=1e-4, rtol=0)
+    assert not torch.allclose(together[0], together[1], atol=1e-3)
+
+
+def test_grouped_bypass_scores_equal_one_at_a_time(smol_tok):
+    model = _tiny("qwen2", len(smol_tok))
+    ids = D.refusal_token_ids(smol_tok)
+    n_pos = post_instruction_length(smol_tok)
+    candidates = torch.randn(n_pos, 4, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = []
+    for batch_size in (4, 32):  # 10 harmful-val prompts: one candidate per forward, then three
+        config = D.DirectionConfig(batch_size=batch_size, kl_threshold=1e9, induce_threshold=float("-inf"),
+                                   max_layer_frac=1.0)
+        results.append(D.select_direction(model, smol_tok, candidates, HARMFUL, HARMLESS[:3], ids, config,
+                                          progress=False))
+    one, grouped = ([c.bypass for c in r.candidates] for r in results)
+    torch.testing.assert_close(torch.tensor(grouped), torch.tensor(one), atol=1e-4, rtol=0)
+    assert (results[0].position, results[0].layer) == (results[1].position, results[1].layer)
 
 
 def test_kl_early_exit_is_exact(smol_tok):
@@ -359,7 +398,7 @@ def test_restrictions_and_zero_directions_are_excluded_unscored():
         calls.append((c.position, c.layer))
         return -float(c.layer)
 
-    chosen = table[D._evaluate(table, 6, config, bypass, lambda c: 0.0, lambda c: 1.0, progress=False,
+    chosen = table[D._evaluate(table, 6, config, many(bypass), lambda c: 0.0, lambda c: 1.0, progress=False,
                                other_exclusion=lambda c: "zero direction" if c.layer == 1 else None)]
     assert sorted(calls) == [(-1, 2), (-1, 3)]
     assert (chosen.position, chosen.layer) == (-1, 3)

@@ -15,11 +15,16 @@ What is computed (method.md, stage 1; Arditi et al. 2024):
 
 The choice is exactly the method's, but it costs far less than scoring every candidate three times:
 
-* candidates removed by the layer (or a user's --layers/--positions) restriction are never scored;
+* candidates removed by the layer (or a user's --layers/--positions) restriction are never scored,
+  nor are zero ones (layer 0 at template positions: the same token embedding in both sets);
 * bypass is computed for every remaining candidate; KL and induce are then evaluated in increasing
   order of bypass and the first candidate that passes both filters is, by definition, the argmin of
   bypass over the survivors. Candidates ranked below it keep NaN for KL/induce unless
   `full_scores` asks for everything;
+* KL is non-negative per prompt, so its evaluation stops as soon as the rows seen so far prove
+  KL > threshold (the recorded value is then that lower bound, with a note);
+* when harmful-val is small (the filter often keeps a third of it), several candidates are
+  ablated in one batch, each on its own copy of the prompts;
 * the filtering pass on the training prompts also accumulates their activations, and the
   un-steered harmless-val logits from the filtering pass are the KL baseline;
 * the template prefix shared by all prompts of a set (system prompt, `<|im_start|>user\\n`, ...)
@@ -50,7 +55,8 @@ from torch import nn
 from .anatomy import decoder_layers, format_prompts, post_instruction_length, unwrap_model
 from .distributed import all_reduce_sum, gather_objects, shard, world_size
 from .errors import SafesteerError
-from .steering import _hidden_of, ablate_direction, add_direction
+from .steering import (_ATTN_NAMES, _MLP_NAMES, _hidden_of, _named_child, _residual_norms, _with_hidden, ablate_direction,
+                       add_direction)
 from .utils import atomic_path, read_json, sha256_texts, write_json_atomic
 
 DIRECTION_FILE = "direction.safetensors"
@@ -247,12 +253,15 @@ def _model_call(model: nn.Module, ids, mask, positions, cache) -> torch.Tensor:
 def _last_logits(model: nn.Module, enc: _Encoded, batch_size: int, reduce: Callable[[torch.Tensor, list[int]], Any],
                  context: Callable[[], ContextManager] | None = None,
                  during: Callable[[list[int]], ContextManager] | None = None,
-                 first_chunk: int | None = None, stop: Callable[[], bool] | None = None) -> list[Any]:
+                 first_chunk: int | None = None, stop: Callable[[], bool] | None = None,
+                 copies: int = 1) -> list[Any]:
     """Forward every row once (steered by `context`, if given) and reduce each chunk's last logits.
 
     `during(rows)` wraps only the per-chunk forwards (not the shared-prefix pass); activation
     capture uses it. Positions are explicit (cumulative mask), so left padding never shifts them.
     `stop()` is asked after each chunk; when it says so, the remaining rows are skipped.
+    `copies` > 1 runs each chunk that many times in one batch, copy-major (the logits passed to
+    `reduce` are [copies * len(rows), V]), for hooks that steer each copy differently.
     """
     device = _device(model)
     out = []
@@ -260,18 +269,18 @@ def _last_logits(model: nn.Module, enc: _Encoded, batch_size: int, reduce: Calla
         prefix_cache = None
         p = len(enc.prefix)
         if p:
-            prefix_ids = torch.tensor([enc.prefix], device=device)
-            prefix_cache = model(input_ids=prefix_ids, position_ids=torch.arange(p, device=device)[None],
+            prefix_ids = torch.tensor([enc.prefix] * copies, device=device)
+            prefix_cache = model(input_ids=prefix_ids, position_ids=torch.arange(p, device=device)[None].expand(copies, -1),
                                  use_cache=True).past_key_values
         for rows, ids, mask in enc.chunks(batch_size, first_chunk):
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = ids.repeat(copies, 1).to(device), mask.repeat(copies, 1).to(device)
             positions = p + (mask.cumsum(1) - 1).clamp(min=0)
             cache = None
             full_mask = mask
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(rows))
-                full_mask = torch.cat([torch.ones(len(rows), p, dtype=mask.dtype, device=device), mask], 1)
+                cache.batch_repeat_interleave(len(rows))  # copy k's prefix serves copy k's rows
+                full_mask = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=device), mask], 1)
             with (during(rows) if during else nullcontext()):
                 logits = _model_call(model, ids, full_mask, positions, cache)
             out.append(reduce(logits.float(), rows))
@@ -505,10 +514,13 @@ def _no_survivor_error(table: list[Candidate], n_layers: int, max_layer_frac: fl
 
 
 def _evaluate(table: list[Candidate], n_layers: int, config: DirectionConfig,
-              bypass_fn: Callable[[Candidate], float], kl_fn: Callable[[Candidate], float],
+              bypass_fn: Callable[[list[Candidate]], list[float]], kl_fn: Callable[[Candidate], float],
               induce_fn: Callable[[Candidate], float], progress: bool = True,
-              other_exclusion: Callable[[Candidate], str | None] | None = None) -> int:
-    """Fill in the table and return the chosen index; same choice as `choose_candidate` on full scores."""
+              other_exclusion: Callable[[Candidate], str | None] | None = None, group: int = 1) -> int:
+    """Fill in the table and return the chosen index; same choice as `choose_candidate` on full scores.
+
+    `bypass_fn` scores `group` candidates at a time.
+    """
     from tqdm.auto import tqdm
 
     for c in table:
@@ -518,11 +530,16 @@ def _evaluate(table: list[Candidate], n_layers: int, config: DirectionConfig,
     eligible = [c for c in table if c.excluded is None]
     if not eligible:
         raise _no_survivor_error(table, n_layers, config.max_layer_frac, config.kl_threshold, config.induce_threshold)
-    for c in tqdm(eligible, desc="bypass scores", disable=not progress, leave=False):
-        c.bypass = float(bypass_fn(c))
+    bar = tqdm(total=len(eligible), desc="bypass scores", disable=not progress, leave=False)
+    for start in range(0, len(eligible), group):
+        part = eligible[start:start + group]
+        for c, value in zip(part, bypass_fn(part), strict=True):
+            c.bypass = float(value)
+        bar.update(len(part))
+    bar.close()
     order = sorted(eligible, key=lambda c: (math.isnan(c.bypass), c.bypass))
     chosen = None
-    bar = tqdm(total=len(order), desc="KL/induce of the best", disable=not progress, leave=False)
+    bar = tqdm(total=len(order), desc="KL, induce (lowest bypass first)", disable=not progress, leave=False)
     for c in order:
         if chosen is not None and not config.full_scores:
             break
@@ -554,6 +571,46 @@ class Selection:
         return next(c for c in self.candidates if c.chosen)
 
 
+@contextmanager
+def _ablate_per_copy(model: nn.Module, units: torch.Tensor) -> Iterator[None]:
+    """`steering.ablate_direction` with unit direction `units[k]` for copy k of a copy-major batch.
+
+    Same hook points (every layer input, attention and MLP output, residual-side output norms);
+    a forward of batch B with g = len(units) copies has B // g rows per copy.
+    """
+    g = units.shape[0]
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        u = units if hidden.shape[0] == g else units.repeat_interleave(hidden.shape[0] // g, 0)
+        u = u.to(device=hidden.device, dtype=hidden.dtype).reshape(hidden.shape[0], *([1] * (hidden.dim() - 2)), -1)
+        return hidden - (hidden * u).sum(-1, keepdim=True) * u
+
+    def pre_hook(_module, args, kwargs):
+        hidden, positional = _hidden_of(args, kwargs)
+        return _with_hidden(args, kwargs, project(hidden), positional)
+
+    def out_hook(_module, _args, output):
+        if isinstance(output, torch.Tensor):
+            return project(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (project(output[0]),) + tuple(output[1:])
+        return output
+
+    handles = []
+    try:
+        for block in decoder_layers(model):
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            modules = [_named_child(block, _ATTN_NAMES), _named_child(block, _MLP_NAMES), *_residual_norms(block)]
+            if any(m is None for m in modules):
+                raise SafesteerError(f"cannot find the attention and MLP modules of {type(block).__name__}; "
+                                     f"direction ablation is not supported here")
+            handles.extend(m.register_forward_hook(out_hook) for m in modules)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _kl_rows(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(base || steered) per row in float64 (identical logits give exactly 0)."""
     lp = logits.double().log_softmax(-1)
@@ -570,10 +627,20 @@ def _select(model: nn.Module, candidates: torch.Tensor, harmful_val: _Encoded, h
     def vec(c: Candidate) -> torch.Tensor:
         return candidates[c.position + n_pos, c.layer]
 
-    def bypass(c):
-        r = vec(c)
-        return _scores_of(harmful_val, model, refusal_ids, config.batch_size,
-                          context=lambda: ablate_direction(model, r)).mean().item()
+    n_harmful = len(harmful_val)
+    # With few harmful-val prompts a forward is mostly overhead: score several candidates per batch.
+    group = min(8, max(1, round(config.batch_size / n_harmful)))
+
+    def bypass(cs):
+        if len(cs) == 1:
+            r = vec(cs[0])
+            return [_scores_of(harmful_val, model, refusal_ids, config.batch_size,
+                               context=lambda: ablate_direction(model, r)).mean().item()]
+        units = torch.stack([vec(c) / vec(c).norm() for c in cs]).float()
+        chunks = _last_logits(model, harmful_val, n_harmful,
+                              lambda lg, rows: (rows, refusal_scores_from_logits(lg, refusal_ids).view(len(cs), -1).cpu()),
+                              context=lambda: _ablate_per_copy(model, units), copies=len(cs))
+        return (sum(values.sum(1) for _, values in chunks) / n_harmful).tolist()
 
     def kl(c):
         r = vec(c)
@@ -611,7 +678,7 @@ def _select(model: nn.Module, candidates: torch.Tensor, harmful_val: _Encoded, h
         return "zero direction (identical activations in both sets)" if float(norms[c.position + n_pos, c.layer]) <= tiny else None
 
     try:
-        index = _evaluate(table, n_layers, config, bypass, kl, induce, progress, other_exclusion=degenerate)
+        index = _evaluate(table, n_layers, config, bypass, kl, induce, progress, other_exclusion=degenerate, group=group)
     except SafesteerError as exc:
         exc.candidates = table  # the caller stores them so the user can see why
         raise

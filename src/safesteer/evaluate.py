@@ -60,7 +60,7 @@ class EvalConfig:
 
     n_harmful: int | None = field(default=48, metadata=_help("prompts per built-in harmful set (AdvBench held-out, HarmBench)"))
     n_edgy: int | None = field(default=64, metadata=_help("built-in harmless-but-edgy prompts"))
-    n_mmlu: int | None = field(default=114, metadata=_help("MMLU questions, stratified by subject (all: 14,042)"))
+    n_mmlu: int | None = field(default=57, metadata=_help("MMLU questions, stratified by subject (all: 14,042)"))
     n_gsm8k: int | None = field(default=8, metadata=_help("GSM8K problems (of the 100 shipped)"))
     n_drift: int | None = field(default=32, metadata=_help("benign prompts for the KL drift"))
     max_new_tokens: int = field(default=64, metadata=_help("new tokens for safety and over-refusal answers"))
