@@ -640,3 +640,46 @@ def test_end_to_end_on_smollm2(tmp_path):
     steered = D.refusal_scores(model, tok, prompts, ids, context=lambda: loaded_spec.teacher(model))
     assert (steered - plain).abs().min() > 1e-3, "the teacher hook must change the model's outputs"
     torch.testing.assert_close(D.refusal_scores(model, tok, prompts, ids), plain)
+
+
+def test_presets_and_relative_induce_threshold():
+    paper, cpu = D.DirectionConfig.from_preset("paper"), D.DirectionConfig.from_preset("cpu")
+    assert paper.induce_fraction is None and paper.induce_threshold_for(1.0, -3.0) == 0.0
+    assert cpu.induce_threshold_for(1.0, -3.0) == pytest.approx(-1.0)  # halfway from -3 to +1
+    assert D.DirectionConfig.from_preset("cpu", induce_fraction=None).induce_fraction == 0.5  # None: not given
+    assert D.DirectionConfig.from_preset("cpu", induce_fraction=0.25).induce_threshold_for(1.0, -3.0) == pytest.approx(-2.0)
+    with pytest.raises(SafesteerError, match="unknown direction preset"):
+        D.DirectionConfig.from_preset("huge")
+    with pytest.raises(SafesteerError, match="induce_fraction"):
+        D.DirectionConfig(induce_fraction=1.5)
+
+
+def test_relative_induce_filter_equals_the_absolute_one_it_resolves_to(smol_tok):
+    model = _tiny("qwen2", len(smol_tok))
+    ids = D.refusal_token_ids(smol_tok)
+    n_pos = post_instruction_length(smol_tok)
+    candidates = torch.randn(n_pos, 4, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    hv = D._Encoded(smol_tok, HARMFUL, True, n_pos + 1)
+    lv = D._Encoded(smol_tok, HARMLESS[:6], True, n_pos + 1)
+    harmful_base = float(D._scores_of(hv, model, ids, 8).mean())
+    harmless_base = float(D._scores_of(lv, model, ids, 8).mean())
+    common = dict(kl_threshold=1e9, max_layer_frac=1.0, full_scores=True)
+    chosen = 0
+    for fraction in (0.0, 0.5, 1.0):
+        try:
+            got = D.select_direction(model, smol_tok, candidates, HARMFUL, HARMLESS[:6], ids,
+                                     D.DirectionConfig(induce_fraction=fraction, **common), progress=False)
+        except SafesteerError as exc:
+            got = exc
+        threshold = harmless_base + fraction * (harmful_base - harmless_base)
+        try:
+            want = D.select_direction(model, smol_tok, candidates, HARMFUL, HARMLESS[:6], ids,
+                                      D.DirectionConfig(induce_threshold=threshold, **common), progress=False)
+        except SafesteerError as exc:
+            want = exc
+        assert type(got) is type(want)
+        if isinstance(want, D.Selection):
+            assert [c.excluded for c in got.candidates] == [c.excluded for c in want.candidates]
+            assert (got.layer, got.position) == (want.layer, want.position)
+            chosen += 1
+    assert chosen, "no fraction left a survivor: the comparison above tested only the errors"

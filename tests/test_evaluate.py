@@ -218,6 +218,30 @@ def test_steering_context_moves_the_model(tmp_path, tiny_model, smol_tokenizer):
         steered_entry(base, tmp_path / "empty")
 
 
+def test_ablated_entry_projects_the_direction_out(tmp_path, tiny_model, smol_tokenizer):
+    from safesteer.anatomy import decoder_layers
+
+    run = _write_direction(tmp_path / "run", tiny_model.config.hidden_size)
+    base = ModelEntry("base", tiny_model, smol_tokenizer)
+    ablated = steered_entry(base, run, ablate=True)
+    assert ablated.name == "base+ablate" and ablated.info["steering"]["mode"] == "ablate"
+    seen = []
+    hook = decoder_layers(tiny_model)[2].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        ids = smol_tokenizer(["Hello there."], return_tensors="pt")["input_ids"]
+        with ablated.context():
+            tiny_model(input_ids=ids)
+        tiny_model(input_ids=ids)
+    finally:
+        hook.remove()
+    from safetensors.torch import load_file
+
+    r = load_file(str(run / "direction.safetensors"))["direction"]
+    r = r / r.norm()
+    assert (seen[0] @ r).abs().max() < 1e-4  # nothing left along r while ablated
+    assert (seen[1] @ r).abs().max() > 1e-3  # and the hook is gone afterwards
+
+
 # ----------------------------------------------------------------------------- the comparison
 
 

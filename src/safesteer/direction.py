@@ -45,7 +45,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -94,6 +94,9 @@ class DirectionConfig:
     kl_threshold: float = field(default=0.1, metadata=_help("discard candidates whose ablation moves harmless-val next-token distributions by more KL than this"))
     induce_threshold: float = field(default=0.0, metadata=_help(
         "discard candidates whose addition leaves the mean harmless-val refusal score below this"))
+    induce_fraction: float | None = field(default=None, metadata=_help(
+        "instead of induce_threshold, require the addition to move the mean harmless-val refusal score this "
+        "fraction of the way from its own baseline to the harmful-val baseline (0.5: halfway; the cpu preset)"))
     positions: tuple[int, ...] | None = field(default=None, metadata=_help(
         "only score these post-instruction positions, negative from the end (--positions=-1,-2; default: all)"))
     layers: tuple[int, ...] | None = field(default=None, metadata=_help(
@@ -116,12 +119,27 @@ class DirectionConfig:
             raise SafesteerError("max_layer_frac must be in (0, 1]")
         if self.kl_threshold <= 0:
             raise SafesteerError("kl_threshold must be > 0")
+        if self.induce_fraction is not None and not 0 <= self.induce_fraction <= 1:
+            raise SafesteerError("induce_fraction must be in [0, 1] (or unset to use induce_threshold)")
         if self.positions is not None:
             self.positions = tuple(int(p) for p in self.positions)
             if any(p >= 0 for p in self.positions):
                 raise SafesteerError("positions count from the end and must be negative, e.g. -1,-2")
         if self.layers is not None:
             self.layers = tuple(int(layer) for layer in self.layers)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "DirectionConfig":
+        """A preset's settings, then `overrides` (None values are ignored)."""
+        if name not in DIRECTION_PRESETS:
+            raise SafesteerError(f"unknown direction preset '{name}'; use one of: {', '.join(DIRECTION_PRESETS)}")
+        return cls(**{**DIRECTION_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+    def induce_threshold_for(self, harmful_baseline: float, harmless_baseline: float) -> float:
+        """The induce filter's threshold: absolute, or relative to the validation sets' baselines."""
+        if self.induce_fraction is None:
+            return self.induce_threshold
+        return harmless_baseline + self.induce_fraction * (harmful_baseline - harmless_baseline)
 
     def result_key(self) -> dict:
         """The settings that change the result; a stored stage is reused only if these match."""
@@ -131,6 +149,22 @@ class DirectionConfig:
         d["positions"] = list(self.positions) if self.positions is not None else None
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d
+
+
+DIRECTION_PRESETS: dict[str, dict[str, Any]] = {
+    # Arditi et al.'s filters as the method gives them: adding r must make harmless prompts refused
+    # on average (mean refusal score >= 0).
+    "paper": {},
+    # Small models (the 0.5B default): no candidate below 0.8 x depth reaches a mean score of 0 at
+    # coefficient 1 (the best moves harmless-val from -3.7 to -0.3 while harmful-val sits at +1.0),
+    # so the induce filter asks for half of the harmless-to-harmful gap instead. Everything else,
+    # including the bypass ranking and the KL filter, is the paper's.
+    "cpu": {"induce_fraction": 0.5},
+}
+
+
+def default_direction_preset() -> str:
+    return "paper" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------------- refusal tokens
@@ -695,6 +729,11 @@ def select_direction(model: nn.Module, tokenizer: Any, candidates: torch.Tensor,
     hv = _Encoded(tokenizer, _texts(harmful_val), config.prefix_cache, n_pos + 1)
     lv = _Encoded(tokenizer, _texts(harmless_val), config.prefix_cache, n_pos + 1)
     base = _scatter(_last_logits(model, lv, config.batch_size, lambda lg, rows: (rows, lg)), len(lv))
+    if config.induce_fraction is not None:
+        harmful_baseline = float(_scores_of(hv, model, refusal_ids, config.batch_size).mean())
+        harmless_baseline = float(refusal_scores_from_logits(base, refusal_ids).mean())
+        config = replace(config, induce_threshold=config.induce_threshold_for(harmful_baseline, harmless_baseline),
+                         induce_fraction=None)
     return _select(model, candidates, hv, lv, base, refusal_ids, config, progress)
 
 
@@ -889,15 +928,20 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
         f"{len(lv_enc)} harmless-val prompts")
     baseline = {"harmful_val_refusal_score": float(hv_scores[torch.tensor(filtered["harmful_val"])].mean()),
                 "harmless_val_refusal_score": float(lv_scores[torch.tensor(filtered["harmless_val"])].mean())}
+    induce_threshold = config.induce_threshold_for(baseline["harmful_val_refusal_score"], baseline["harmless_val_refusal_score"])
+    if config.induce_fraction is not None:
+        log(f"induce filter: mean harmless-val refusal score >= {induce_threshold:.3f} ({config.induce_fraction:g} of the "
+            f"way from {baseline['harmless_val_refusal_score']:.3f} to {baseline['harmful_val_refusal_score']:.3f})")
+    select_config = replace(config, induce_threshold=induce_threshold, induce_fraction=None)
     try:
-        selection = _select(model, candidates, hv_enc, lv_enc, base_logits, refusal_ids, config, progress)
+        selection = _select(model, candidates, hv_enc, lv_enc, base_logits, refusal_ids, select_config, progress)
     except SafesteerError as exc:
         table = getattr(exc, "candidates", None)
         if table is None:
             raise
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / FAILED_FILE, {
-            "error": str(exc), "baseline": baseline, "prompt_counts": counts, "identity": identity,
+            "error": str(exc), "baseline": baseline, "induce_threshold_used": induce_threshold, "prompt_counts": counts, "identity": identity,
             "refusal_tokens": [tokenizer.decode([i]) for i in refusal_ids], "post_instruction_tokens": labels,
             "norms": candidates.norm(dim=-1).tolist(), "candidates": [c.as_dict() for c in table],
             "config": {**asdict(config), "positions": config.result_key()["positions"], "layers": config.result_key()["layers"]}})
@@ -917,6 +961,7 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
         "coeff": 1.0,
         "scores": {"bypass": choice.bypass, "induce": choice.induce, "kl": choice.kl},
         "baseline": baseline,
+        "induce_threshold_used": induce_threshold,
         "n_layers": n_layers,
         "n_positions": n_pos,
         "post_instruction_tokens": labels,
@@ -980,7 +1025,10 @@ def _cmd_direction(args: argparse.Namespace) -> int:
     from .prompts import builtin_splits
     from .utils import seed_everything
 
-    config = DirectionConfig(**{f.name: getattr(args, f.name) for f in fields(DirectionConfig)})
+    preset = default_direction_preset() if args.preset == "auto" else args.preset
+    config = DirectionConfig.from_preset(preset, **{f.name: getattr(args, f.name) for f in fields(DirectionConfig)})
+    print(f"direction preset {preset}" + (f" (induce filter at {config.induce_fraction:g} of the baseline gap)"
+                                          if config.induce_fraction is not None else ""))
     seed_everything(config.seed)
     splits = builtin_splits(config.seed) if not (args.harmful and args.harmless) else None
     if args.harmful:
@@ -1021,15 +1069,20 @@ def add_cli(subparsers) -> None:
     p.add_argument("--harmless", default=None, help="harmless prompts, split likewise; default: the built-in harmless split")
     p.add_argument("--field", default=None, help="field/column holding the prompt text in --harmful/--harmless files")
     p.add_argument("--force", action="store_true", help="recompute even if a matching result exists")
+    p.add_argument("--preset", choices=("auto", *DIRECTION_PRESETS), default="auto",
+                   help="selection settings: paper (the method's filters) or cpu (small models: relative induce "
+                        "filter); auto = paper with CUDA, cpu without. The options below override it.")
     defaults = DirectionConfig()
     for f in fields(DirectionConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = f.metadata.get("help", "")
+        # Default None: an option given on the command line overrides the preset, an absent one does not.
         if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name in ("positions", "layers"):
-            p.add_argument(flag, dest=f.name, type=_int_list, default=default, help=help_text)
+            p.add_argument(flag, dest=f.name, type=_int_list, default=None, help=help_text)
         else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=default, help=f"{help_text} (default: %(default)s)")
+            kind = float if default is None else type(default)
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{help_text} (default: {default})")
     p.set_defaults(func=_cmd_direction)

@@ -903,33 +903,25 @@ def format_report(results: dict) -> str:
 # ----------------------------------------------------------------------------- steering and align
 
 
-def steered_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = None) -> ModelEntry:
-    """The steered teacher: `base` with the refusal direction of `steer_dir` added while it runs."""
-    steer_dir = Path(steer_dir)
-    try:
-        from .direction import load_direction
-    except ImportError:
-        load_direction = None
-    if load_direction is not None:
-        spec = load_direction(steer_dir, base.model)
-        direction, layer, coeff = spec.direction, spec.layer, spec.coeff
-        steer = lambda: spec.teacher(base.model)  # noqa: E731
+def steered_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = None, ablate: bool = False) -> ModelEntry:
+    """The steered teacher: `base` with the refusal direction of `steer_dir` added while it runs.
+
+    With `ablate`, the direction is projected out of the residual stream instead (every layer input,
+    attention and MLP output): the check that it mediates refusal, which should then drop.
+    """
+    from .direction import load_direction
+    from .steering import ablate_direction
+
+    spec = load_direction(steer_dir, base.model)
+    direction, layer, coeff = spec.direction, spec.layer, spec.coeff
+    if ablate:
+        steer = lambda: ablate_direction(base.model, direction)  # noqa: E731
     else:
-        from safetensors.torch import load_file
-
-        from .steering import add_direction
-        from .utils import read_json
-
-        if not (steer_dir / "direction.safetensors").is_file() or not (steer_dir / "direction.json").is_file():
-            raise SafesteerError(f"no refusal direction in {steer_dir} (need direction.safetensors and direction.json); "
-                                 f"run `safesteer direction --out {steer_dir}` first")
-        meta = read_json(steer_dir / "direction.json")
-        direction = load_file(str(steer_dir / "direction.safetensors"))["direction"]
-        layer, coeff = int(meta["layer"]), float(meta.get("coeff", 1.0))
-        steer = lambda: add_direction(base.model, direction, layer, coeff)  # noqa: E731
+        steer = lambda: spec.teacher(base.model)  # noqa: E731
 
     digest = hashlib.sha256(direction.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-    info = {**base.info, "steering": {"dir": str(steer_dir), "layer": layer, "coeff": coeff, "direction_sha256": digest}}
+    how = {"mode": "ablate"} if ablate else {"mode": "add", "layer": layer, "coeff": coeff}
+    info = {**base.info, "steering": {"dir": str(steer_dir), **how, "direction_sha256": digest}}
     context = steer
     if base.context is not None:  # e.g. a PEFT model's disabled adapter, then the steering hook
         import contextlib
@@ -940,7 +932,7 @@ def steered_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = No
             stack.enter_context(steer())
             return stack
 
-    return ModelEntry(name or f"{base.name}+steer", base.model, base.tokenizer, context, info)
+    return ModelEntry(name or f"{base.name}+{'ablate' if ablate else 'steer'}", base.model, base.tokenizer, context, info)
 
 
 def align_summary(run_dir: str | Path, base_model: str | None = None, aligned_dir: str | Path | None = None,
@@ -1057,8 +1049,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"loaded {name} in {time.time() - t0:.1f} s")
         entries.append(ModelEntry(labels[i] if i < len(labels) else name, loaded.model, loaded.tokenizer, None,
                                   loaded.identity))
+    extra = []
     if args.steer:
-        entries.insert(1, steered_entry(entries[0], args.steer))
+        extra.append(steered_entry(entries[0], args.steer))
+    if args.ablate:
+        extra.append(steered_entry(entries[0], args.ablate, ablate=True))
+    entries[1:1] = extra
     results = evaluate_models(entries, config, args.out, echo=print)
     print("\n" + format_table(results))
     print("\n" + format_sets_table(results))
@@ -1087,6 +1083,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model repo")
     p.add_argument("--steer", default=None, metavar="DIR",
                    help="also evaluate the first model with the refusal direction in DIR applied (the steered teacher)")
+    p.add_argument("--ablate", default=None, metavar="DIR",
+                   help="also evaluate the first model with the refusal direction in DIR projected out (refusal should drop)")
     p.add_argument("--out", required=True, help="output directory (results.json, results.md, answers per model)")
     p.add_argument("--suites", default=None, help=f"comma-separated: {', '.join(SUITES)}, capability, all (default: all)")
     p.add_argument("--quick", action="store_true", help="the small preset of `safesteer align` (sizes below override it)")
