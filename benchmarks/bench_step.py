@@ -6,14 +6,17 @@
 safesteer  LoRA student; the teacher is the same weights with the adapter off plus the steering hook;
            the loss reads the S slice of the log-probabilities chunk by chunk (Trainer.update: the
            code `safesteer align` runs).
+safesteer, from_steering
+           the same with lora_layers=from_steering: the adapter only on the steering layer and above,
+           so teacher and student share one no-grad pass through the layers below it.
 reference  the released code's design: full fine-tune of the student, a second fp32 copy of the model
            as the teacher, and a full-vocabulary log_softmax materialised for both models before the
            S columns are gathered.
 
 Each design runs in its own subprocess, so its peak RSS (getrusage ru_maxrss) is its own. The rollouts
-are sampled once, in a third subprocess, and both designs score exactly that batch; sampling costs the
-same in both designs, so it is timed once and reported on its own. On step 1 both students still equal
-the base model, so both losses must agree: a check that the two designs compute the same thing.
+are sampled once, in another subprocess, and every design scores exactly that batch; sampling costs the
+same in all designs, so it is timed once and reported on its own. On step 1 every student still equals
+the base model, so all losses must agree: a check that the designs compute the same thing.
 """
 
 from __future__ import annotations
@@ -101,12 +104,12 @@ def worker_rollouts(args) -> dict:
             "completion_len": batch.completion_mask.shape[1], "valid_tokens": int(batch.completion_mask.sum())}
 
 
-def worker_safesteer(args) -> dict:
+def worker_safesteer(args, lora_layers: str = "all") -> dict:
     from safesteer.train import TrainConfig, Trainer
 
     model, tokenizer, spec, ids = _setup(args)
     batch = _load_batch(args.batch_file)
-    config = TrainConfig(steps=args.steps, learning_rate=1e-4, checkpoint_every=10**6)
+    config = TrainConfig(steps=args.steps, learning_rate=1e-4, checkpoint_every=10**6, lora_layers=lora_layers)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, tokenizer, spec, ids, ["unused"], config, out, progress=False)
         setup_rss, setup_peak = _current_rss_gib(), _peak_rss_gib()
@@ -152,7 +155,12 @@ def worker_reference(args) -> dict:
     return {"steps": rows, "setup_rss_gib": setup_rss, "setup_peak_rss_gib": setup_peak, "peak_rss_gib": _peak_rss_gib()}
 
 
-WORKERS = {"rollouts": worker_rollouts, "safesteer": worker_safesteer, "reference": worker_reference}
+def worker_safesteer_from_steering(args) -> dict:
+    return worker_safesteer(args, lora_layers="from_steering")
+
+
+WORKERS = {"rollouts": worker_rollouts, "safesteer": worker_safesteer,
+           "safesteer_from_steering": worker_safesteer_from_steering, "reference": worker_reference}
 
 
 def _spawn(args, worker: str) -> dict:
@@ -195,26 +203,34 @@ def main(argv=None) -> int:
         args.batch_file = str(Path(tmp) / "batch.pt")
         rollouts = _spawn(args, "rollouts")
         ours = _spawn(args, "safesteer")
+        shared = _spawn(args, "safesteer_from_steering")
         ref = _spawn(args, "reference")
 
-    t_ours, t_ref = _step_seconds(ours), _step_seconds(ref)
+    t_ours, t_shared, t_ref = _step_seconds(ours), _step_seconds(shared), _step_seconds(ref)
     result = {
         "model": args.model, "batch": rollouts,
-        "safesteer": ours, "reference": ref,
+        "safesteer": ours, "safesteer_from_steering": shared, "reference": ref,
         "speedup": t_ref / t_ours,
         "memory_ratio": ours["peak_rss_gib"] / ref["peak_rss_gib"],
+        "speedup_from_steering": t_ref / t_shared,
+        "memory_ratio_from_steering": shared["peak_rss_gib"] / ref["peak_rss_gib"],
+        "from_steering_vs_safesteer": t_ours / t_shared,
         "step1_loss_safesteer": ours["steps"][0]["loss"], "step1_loss_reference": ref["steps"][0]["loss"],
+        "step1_loss_safesteer_from_steering": shared["steps"][0]["loss"],
     }
     print(f"model {args.model}; batch {rollouts['sequences']} sequences, prompt {rollouts['prompt_len']} + "
           f"completion {rollouts['completion_len']} tokens ({rollouts['valid_tokens']} valid); "
-          f"sampling them took {rollouts['seconds']:.1f} s (same for both designs, not included below)")
-    print(f"{'':<11}{'step (s)':>10}{'peak RSS (GiB)':>16}{'RSS after setup':>17}{'peak in setup':>15}"
+          f"sampling them took {rollouts['seconds']:.1f} s (same for all designs, not included below)")
+    print(f"{'':<25}{'step (s)':>10}{'peak RSS (GiB)':>16}{'RSS after setup':>17}{'peak in setup':>15}"
           f"{'step-1 loss':>14}")
-    for name, r in (("safesteer", ours), ("reference", ref)):
-        print(f"{name:<11}{_step_seconds(r):>10.2f}{r['peak_rss_gib']:>16.2f}{r['setup_rss_gib']:>17.2f}"
+    for name, r in (("safesteer", ours), ("safesteer, from_steering", shared), ("reference", ref)):
+        print(f"{name:<25}{_step_seconds(r):>10.2f}{r['peak_rss_gib']:>16.2f}{r['setup_rss_gib']:>17.2f}"
               f"{r['setup_peak_rss_gib']:>15.2f}{r['steps'][0]['loss']:>14.4e}")
     print(f"safesteer vs reference: {result['speedup']:.2f}x faster per step, "
           f"{result['memory_ratio']:.2f}x the peak memory")
+    print(f"safesteer, from_steering vs reference: {result['speedup_from_steering']:.2f}x faster per step, "
+          f"{result['memory_ratio_from_steering']:.2f}x the peak memory "
+          f"({result['from_steering_vs_safesteer']:.2f}x faster than safesteer with the adapter on every layer)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

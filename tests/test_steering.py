@@ -311,3 +311,175 @@ def test_nests_with_peft_disable_adapter():
     assert torch.equal(after[1][~real], before[1][~real]), "padding must stay untouched through the PEFT wrapper"
     assert torch.equal(logits(lora, ids, mask), student_plain)
     assert no_hooks_left(lora)
+
+
+# ----------------------------------------------------------------------------- starting a forward at a layer
+
+from safesteer.steering import LayerInput, capture_layer_input, start_at_layer  # noqa: E402
+
+
+def _forward_kwargs(ids, mask):
+    return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
+
+
+@contextmanager
+def count_block_work(model):
+    """Calls of each decoder layer's attention module: a layer handed through does not run it."""
+    counts = [0] * len(decoder_layers(model))
+    handles = []
+    for i, block in enumerate(decoder_layers(model)):
+        def hook(*_, i=i):
+            counts[i] += 1
+        handles.append(_named_child(block, _ATTN_NAMES).register_forward_hook(hook))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def no_forward_shadowed(model) -> bool:
+    return all("forward" not in block.__dict__ for block in decoder_layers(model))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_start_at_layer_reproduces_the_full_forward_with_the_steering_added_once(arch, layer):
+    model = tiny(arch)
+    ids, mask = batch()
+    r = direction()
+    with add_direction(model, r, layer, 1.5):
+        steered = logits(model, ids, mask)
+    plain = logits(model, ids, mask)
+    with torch.no_grad(), count_block_work(model) as lower:
+        with add_direction(model, r, layer, 1.5):  # a steering hook already open does not leak into the capture
+            start = capture_layer_input(model, layer, **_forward_kwargs(ids, mask))
+    assert lower == [1] * layer + [0] * (len(lower) - layer)  # nothing at or above the layer ran
+    with capture_inputs(model) as seen:
+        logits(model, ids, mask)
+    assert torch.equal(start.hidden, seen[layer]) and start.layer == layer
+
+    with count_block_work(model) as counts:
+        with start_at_layer(model, start):
+            torch.testing.assert_close(logits(model, ids, mask), plain, atol=1e-6, rtol=0)
+            with add_direction(model, r, layer, 1.5):  # hook registered after the substitution
+                torch.testing.assert_close(logits(model, ids, mask), steered, atol=1e-6, rtol=0)
+        with add_direction(model, r, layer, 1.5), start_at_layer(model, start):  # and before it
+            torch.testing.assert_close(logits(model, ids, mask), steered, atol=1e-6, rtol=0)
+    assert counts[:layer] == [0] * layer and counts[layer:] == [3] * (len(counts) - layer)
+    assert no_hooks_left(model) and no_forward_shadowed(model)
+    assert torch.equal(logits(model, ids, mask), plain)
+
+
+def test_start_at_layer_keeps_padding_positions_as_the_full_forward():
+    model = tiny("qwen2")
+    ids, mask = batch()
+    with torch.no_grad():
+        full = model(**_forward_kwargs(ids, mask), output_hidden_states=True).hidden_states[-1]
+        start = capture_layer_input(model, 2, **_forward_kwargs(ids, mask))
+        with start_at_layer(model, start):
+            shared = model(**_forward_kwargs(ids, mask), output_hidden_states=True).hidden_states[-1]
+    assert not mask.bool().all()
+    torch.testing.assert_close(shared, full, atol=1e-6, rtol=0, equal_nan=True)  # every position, padding included
+
+
+def test_start_at_layer_restores_the_model_after_an_exception():
+    model = tiny("llama")
+    ids, mask = batch()
+    reference = logits(model, ids, mask)
+    with torch.no_grad():
+        start = capture_layer_input(model, 2, **_forward_kwargs(ids, mask))
+    with pytest.raises(RuntimeError, match="boom"):
+        with start_at_layer(model, start):
+            logits(model, ids, mask)
+            raise RuntimeError("boom")
+    assert no_hooks_left(model) and no_forward_shadowed(model)
+    with pytest.raises(SafesteerError, match="same inputs"):  # an error inside the forward, other inputs
+        with start_at_layer(model, start):
+            logits(model, ids[:2], mask[:2])
+    assert no_hooks_left(model) and no_forward_shadowed(model)
+    handle = decoder_layers(model)[0].register_forward_pre_hook(_raise_boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):  # an error inside the capture's forward
+            capture_layer_input(model, 2, **_forward_kwargs(ids, mask))
+    finally:
+        handle.remove()
+    assert no_hooks_left(model) and no_forward_shadowed(model)
+    assert torch.equal(logits(model, ids, mask), reference)
+
+
+def _raise_boom(*_):
+    raise RuntimeError("boom")
+
+
+def test_start_at_layer_restores_a_forward_set_on_the_instance():
+    """Device-placement wrappers (accelerate) put their own `forward` on the layer objects."""
+    model = copy.deepcopy(tiny("llama"))
+    ids, mask = batch()
+    block = decoder_layers(model)[0]
+    calls = []
+    original = block.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = wrapped
+    with torch.no_grad():
+        start = capture_layer_input(model, 1, **_forward_kwargs(ids, mask))
+        with start_at_layer(model, start):
+            logits(model, ids, mask)
+    assert calls == [1]  # the capture ran the wrapper, the shared forward did not
+    assert block.__dict__["forward"] is wrapped
+
+
+def test_start_at_layer_rejects_bad_layers():
+    model = tiny("llama")
+    ids, mask = batch()
+    with pytest.raises(SafesteerError, match="out of range"):
+        capture_layer_input(model, 3, **_forward_kwargs(ids, mask))
+    with pytest.raises(SafesteerError, match="out of range"):
+        with start_at_layer(model, LayerInput(layer=-1, hidden=torch.zeros(1))):
+            pass
+    with pytest.raises(SafesteerError, match="capture_layer_input"):
+        with start_at_layer(model, LayerInput(layer=1, hidden=torch.zeros(1))):
+            pass
+    assert no_hooks_left(model) and no_forward_shadowed(model)
+
+
+class _TupleBlock(torch.nn.Module):
+    """A decoder layer of the older convention: a tuple with the hidden states first."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.Linear(D, D)
+
+    def forward(self, hidden_states, attention_mask=None):
+        return hidden_states + torch.tanh(self.attn(hidden_states)), None
+
+
+class _TupleLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = transformers.PretrainedConfig(num_hidden_layers=3, hidden_size=D)
+        self.embed = torch.nn.Embedding(V, D)
+        self.layers = torch.nn.ModuleList(_TupleBlock() for _ in range(3))
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            outputs = layer(hidden, attention_mask=attention_mask)
+            hidden = outputs[0]  # indexing a bare tensor here would silently take the first row
+        return hidden
+
+
+def test_start_at_layer_follows_a_tuple_returning_layer_convention():
+    torch.manual_seed(0)
+    model = _TupleLM()
+    ids, mask = batch()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        start = capture_layer_input(model, 2, input_ids=ids, attention_mask=mask)
+        assert start.output_arity == 2
+        with start_at_layer(model, start):
+            torch.testing.assert_close(model(ids, attention_mask=mask), full, atol=1e-6, rtol=0)

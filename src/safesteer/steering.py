@@ -12,6 +12,7 @@ Hooks are removed on exit, also after an exception, and nest with each other and
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -157,3 +158,107 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None
     finally:
         for h in handles:
             h.remove()
+
+
+# ----------------------------------------------------------------------------- starting a forward at a layer
+
+
+@dataclass
+class LayerInput:
+    """The residual stream entering decoder layer `layer`, as `capture_layer_input` found it.
+
+    `output_arity` records how this model's decoder layers return: 0 for the hidden states alone,
+    n for a tuple of n items with the hidden states first (None: no layer ran below `layer`).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    output_arity: int | None = None
+
+
+class _ReachedLayer(Exception):
+    """Ends a forward once the wanted layer input is known (the layers above it are not needed)."""
+
+
+def capture_layer_input(model: nn.Module, layer: int, **forward_kwargs) -> LayerInput:
+    """Run `model(**forward_kwargs)` only as far as decoder layer `layer` and return that layer's input.
+
+    The input is taken before any other forward pre-hook of the layer runs (an `add_direction` on it
+    does not show), so it is what the layers below wrote. Layers `layer` and above are not run. Call
+    it under `torch.no_grad()` unless a gradient to the lower layers is wanted.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise SafesteerError(f"layer {layer} is out of range for a model with {len(layers)} decoder layers")
+    found: dict = {}
+
+    def stop(_module, args, kwargs):
+        found["hidden"], _ = _hidden_of(args, kwargs)
+        raise _ReachedLayer
+
+    def arity(_module, _args, output):
+        found["arity"] = len(output) if isinstance(output, tuple) else 0
+
+    handles = [layers[layer].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)]
+    if layer > 0:
+        handles.append(layers[0].register_forward_hook(arity))
+    try:
+        model(**forward_kwargs)
+    except _ReachedLayer:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "hidden" not in found:
+        raise SafesteerError(f"the forward never reached decoder layer {layer}; this architecture is not supported")
+    return LayerInput(layer=layer, hidden=found["hidden"], output_arity=found.get("arity"))
+
+
+@contextmanager
+def start_at_layer(model: nn.Module, start: LayerInput) -> Iterator[None]:
+    """Forwards inside this context begin at decoder layer `start.layer`, from `start.hidden`.
+
+    The model's own forward still runs (embedding, position ids, rotary tables, masks, final norm),
+    so position handling and padding stay the model's; decoder layers below `start.layer` hand their
+    input through without computing anything, and the input of layer `start.layer` is replaced by
+    `start.hidden` before any other forward pre-hook of that layer runs, so an `add_direction` on it
+    adds its direction to the substituted input exactly once, whichever context was entered first.
+    The layers' `forward` is shadowed on the instances only while the context is open; on exit,
+    also after an exception, the model is as before.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= start.layer < len(layers):
+        raise SafesteerError(f"layer {start.layer} is out of range for a model with {len(layers)} decoder layers")
+    if start.layer > 0 and start.output_arity is None:
+        raise SafesteerError("the captured layer input does not say how the decoder layers return; "
+                             "take it with capture_layer_input")
+    arity = start.output_arity or 0
+
+    def passthrough(*args, **kwargs):
+        hidden, _ = _hidden_of(args, kwargs)
+        return hidden if arity == 0 else (hidden,) + (None,) * (arity - 1)
+
+    def substitute(_module, args, kwargs):
+        hidden, positional = _hidden_of(args, kwargs)
+        if hidden.shape != start.hidden.shape:
+            raise SafesteerError(f"layer {start.layer} receives shape {tuple(hidden.shape)} but the captured input has "
+                                 f"{tuple(start.hidden.shape)}; capture it from the same inputs")
+        return _with_hidden(args, kwargs, start.hidden.to(hidden.device), positional)
+
+    _missing = object()
+    saved = []
+    handle = None
+    try:
+        for block in layers[: start.layer]:
+            saved.append((block, block.__dict__.get("forward", _missing)))  # e.g. accelerate's device hooks
+            block.forward = passthrough
+        handle = layers[start.layer].register_forward_pre_hook(substitute, with_kwargs=True, prepend=True)
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for block, previous in reversed(saved):
+            if previous is _missing:
+                del block.forward
+            else:
+                block.forward = previous

@@ -11,6 +11,8 @@ One optimizer step, as the method prescribes:
   3. student   the student scores them with grad, and `loss.distillation_loss` compares the two
                distributions on the safety tokens S, a chunk of positions at a time;
   4. update    AdamW (no weight decay), cosine schedule with warm-up, grad-norm clip.
+With lora_layers=from_steering the adapter sits only on the steering layer and above, so below it the
+two models are the same function: one no-grad pass there serves both, and 2. and 3. start at that layer.
 Every step appends a row to OUT/metrics.jsonl; every `checkpoint_every` steps the adapter (or model),
 optimizer, scheduler, RNG states and data order go to OUT/checkpoint atomically, so a rerun on the
 same OUT continues exactly where the last checkpoint left off.
@@ -43,6 +45,7 @@ from .utils import (append_jsonl, read_json, read_jsonl, seed_everything, sha256
                     write_json_atomic, write_text_atomic)
 
 FINETUNE_MODES = ("lora", "full")
+LORA_LAYERS = ("all", "from_steering")
 CHECKPOINT_FORMAT = 1
 
 # Learning rates of the released runs (full fine-tune, 32 completions per step).
@@ -72,6 +75,9 @@ class TrainConfig:
     lora_dropout: float = _help(0.0, "LoRA dropout (0 keeps the rollouts and the scored distribution identical)")
     lora_targets: str = _help("all-linear", "LoRA target modules: all-linear (every linear layer but the output head) "
                                             "or a comma list such as q_proj,k_proj,v_proj,o_proj")
+    lora_layers: str = _help("all", "decoder layers that get the LoRA adapter: all, or from_steering (the steering "
+                                    "layer and above only; teacher and student then share one pass through the "
+                                    "layers below it, which are neither recomputed nor back-propagated)")
     teacher_dtype: str = _help("same", "full fine-tune only: dtype of the frozen teacher copy (same, bfloat16, float16)")
     learning_rate: float = _help(2e-4, "peak learning rate")
     weight_decay: float = _help(0.0, "AdamW weight decay")
@@ -89,6 +95,11 @@ class TrainConfig:
             raise SafesteerError(f"unknown loss '{self.loss}'; use one of: {', '.join(LOSS_VARIANTS)}")
         if self.finetune not in FINETUNE_MODES:
             raise SafesteerError(f"unknown finetune mode '{self.finetune}'; use lora or full")
+        if self.lora_layers not in LORA_LAYERS:
+            raise SafesteerError(f"unknown lora_layers '{self.lora_layers}'; use all or from_steering")
+        if self.lora_layers == "from_steering" and self.finetune != "lora":
+            raise SafesteerError("lora_layers=from_steering places a LoRA adapter; use it with finetune=lora "
+                                 "or leave lora_layers at all")
         if self.bf16 not in ("auto", "on", "off"):
             raise SafesteerError("bf16 must be auto, on or off")
         if self.teacher_dtype not in ("same", "bfloat16", "float16"):
@@ -147,8 +158,47 @@ def forward_hidden(model: Any, inputs: dict) -> Any:
     return out.hidden_states[-1]
 
 
-def prepare_student(model: Any, config: TrainConfig) -> Any:
-    """Wrap the model with a LoRA adapter, or make every weight trainable for a full fine-tune."""
+def lora_module_names(model: Any, targets: str | Sequence[str], first_layer: int) -> list[str]:
+    """Full names of the modules that `targets` selects inside decoder layers `first_layer` and above.
+
+    `targets` is "all-linear" (every linear layer, GPT-2's Conv1D included) or module names matched
+    as PEFT does, by the last name components. An explicit list keeps the placement independent of
+    PEFT's guess at which number in a module name is the layer index.
+    """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from .anatomy import decoder_layers, unwrap_model
+
+    base = unwrap_model(model)
+    layers = decoder_layers(base)
+    if not 0 <= first_layer < len(layers):
+        raise SafesteerError(f"steering layer {first_layer} is out of range for a model with {len(layers)} "
+                             f"decoder layers")
+    block_names = {id(m): name for name, m in base.named_modules()}
+    names = []
+    for block in layers[first_layer:]:
+        for sub, module in block.named_modules():
+            if not sub:
+                continue
+            if targets == "all-linear":
+                hit = isinstance(module, (nn.Linear, Conv1D))
+            else:
+                hit = any(sub == t or sub.endswith("." + t) for t in targets)
+            if hit:
+                names.append(f"{block_names[id(block)]}.{sub}")
+    if not names:
+        raise SafesteerError(f"no module matching LoRA targets {targets!r} in decoder layers {first_layer} and above; "
+                             f"check --lora-targets")
+    return names
+
+
+def prepare_student(model: Any, config: TrainConfig, steering_layer: int | None = None) -> Any:
+    """Wrap the model with a LoRA adapter, or make every weight trainable for a full fine-tune.
+
+    With `config.lora_layers == "from_steering"` the adapter goes only on decoder layers
+    `steering_layer` and above.
+    """
     if config.finetune == "lora":
         from peft import LoraConfig, get_peft_model
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -156,6 +206,10 @@ def prepare_student(model: Any, config: TrainConfig) -> Any:
         targets = config.lora_targets
         if targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if config.lora_layers == "from_steering":
+            if steering_layer is None:
+                raise SafesteerError("lora_layers=from_steering needs the steering layer; pass steering_layer")
+            targets = lora_module_names(model, targets, steering_layer)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
         try:
@@ -204,11 +258,18 @@ class SteeredTeacher:
 
         return output_head(self.model)
 
-    def hidden(self, inputs: dict, autocast: Any = contextlib.nullcontext) -> torch.Tensor:
+    def hidden(self, inputs: dict, autocast: Any = contextlib.nullcontext, start: Any = None) -> torch.Tensor:
+        """Final hidden states; with `start` (a steering.LayerInput) the forward begins at its layer."""
         adapter_off = self.model.disable_adapter() if self.shared else contextlib.nullcontext()
         self.model.eval()
-        with torch.no_grad(), adapter_off, self.spec.teacher(self.model), autocast():
+        with torch.no_grad(), adapter_off, self.spec.teacher(self.model), _starting_at(self.model, start), autocast():
             return forward_hidden(self.model, inputs)
+
+
+def _starting_at(model: Any, start: Any) -> Any:
+    from .steering import start_at_layer
+
+    return contextlib.nullcontext() if start is None else start_at_layer(model, start)
 
 
 def data_order(n_prompts: int, config: TrainConfig) -> list[int]:
@@ -280,7 +341,7 @@ class Trainer:
         seed_everything(config.seed)
 
         self.teacher = SteeredTeacher(model, spec, config)  # a copy is taken before any weight moves
-        self.model = prepare_student(model, config)
+        self.model = prepare_student(model, config, getattr(spec, "layer", None))
         self.teacher.bind(self.model)
         self.student_head = output_head(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -296,6 +357,10 @@ class Trainer:
         use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and device.type == "cuda"
                                            and torch.cuda.is_bf16_supported())
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        # With the adapter only from the steering layer up, student and teacher agree below it, so one pass
+        # there serves both. Only in a single process: a DDP/FSDP wrapper must see the student's whole forward.
+        self.share_lower_layers = (config.lora_layers == "from_steering" and self.accelerator.num_processes == 1
+                                   and self.accelerator.unwrap_model(self.model) is self.model)
         self.step = 0
         self.order = data_order(len(self.prompts), config)
         self.merged = False
@@ -331,21 +396,51 @@ class Trainer:
                    time_step_s=time.perf_counter() - t0, example=batch.responses[0][:160])
         return distributed.reduce_metrics(row, len(batch.responses), sum(n_tokens))
 
-    def update(self, batch: Any) -> dict:
-        """Teacher and student score the rollouts; one optimizer step on the loss between them."""
+    def lower_pass(self, inputs: dict) -> Any:
+        """The residual stream entering the steering layer (a steering.LayerInput), computed once per batch.
+
+        Valid for teacher and student alike only because no adapter sits below that layer
+        (lora_layers=from_steering). It runs in eval mode like the teacher: a base model with dropout
+        would, in the unshared path, drop units in the student's lower layers, here it does not.
+        """
+        from .steering import capture_layer_input
+
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            return capture_layer_input(self.model, self.spec.layer, **inputs, use_cache=False)
+
+    def score(self, batch: Any, timings: dict | None = None) -> Any:
+        """The loss between teacher and student on the rollouts (a loss.DistillationOutput), not back-propagated.
+
+        With `share_lower_layers` the layers below the steering layer run once, under no_grad, and
+        both models start at the steering layer from their output; otherwise each runs every layer.
+        `timings`, if given, receives the teacher's seconds (shared pass included) and when it ended.
+        """
         from .loss import distillation_loss
 
         cfg = self.config
         inputs = batch.model_inputs()
         t0 = time.perf_counter()
-        teacher_hidden = batch.scored_hidden(self.teacher.hidden(inputs, self.autocast))
+        start = self.lower_pass(inputs) if self.share_lower_layers else None
+        teacher_hidden = batch.scored_hidden(self.teacher.hidden(inputs, self.autocast, start))
         t1 = time.perf_counter()
         self.model.train()
         with self.autocast():
-            student_hidden = batch.scored_hidden(forward_hidden(self.model, inputs))
+            with _starting_at(self.model, start):
+                student_hidden = batch.scored_hidden(forward_hidden(self.model, inputs))
             out = distillation_loss(student_hidden, teacher_hidden, self.student_head, self.teacher.head,
                                     self.safety_ids, batch.completion_mask, variant=cfg.loss,
                                     chunk_size=cfg.chunk_size, target_ids=batch.completion_ids)
+        if timings is not None:
+            timings.update(teacher=t1 - t0, teacher_end=t1)
+        return out
+
+    def update(self, batch: Any) -> dict:
+        """Teacher and student score the rollouts; one optimizer step on the loss between them."""
+        cfg = self.config
+        timings: dict = {}
+        out = self.score(batch, timings)
+        t1 = timings["teacher_end"]
         # Through the accelerator: under DDP the student's forward and this backward synchronise the gradients.
         self.accelerator.backward(out.loss * distributed.loss_weight(len(batch.responses)))
         grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -356,7 +451,7 @@ class Trainer:
         self.model.eval()
         grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside its engine
         return {"loss": float(out.loss.detach()), **out.stats, "grad_norm": grad_norm, "lr": lr,
-                "time_teacher_s": t1 - t0, "time_student_s": time.perf_counter() - t1}
+                "time_teacher_s": timings["teacher"], "time_student_s": time.perf_counter() - t1}
 
     def train(self, max_steps: int | None = None) -> list[dict]:
         """Run to `config.steps` (or stop after `max_steps` more steps); returns this call's metric rows."""
@@ -448,9 +543,11 @@ class Trainer:
         mine = self._state_record()
         if state.get("format") != CHECKPOINT_FORMAT:
             raise SafesteerError(f"{ckpt} was written by another safesteer version; use a new --out")
-        changed = [k for k in mine["config"] if k not in _RESUME_FREE and state["config"].get(k) != mine["config"][k]]
+        # A setting added after the checkpoint was written counts as its default, the behaviour it had then.
+        before = {f.name: f.default for f in fields(TrainConfig)} | state["config"]
+        changed = [k for k in mine["config"] if k not in _RESUME_FREE and before.get(k) != mine["config"][k]]
         if changed:
-            diff = ", ".join(f"{k}: {state['config'].get(k)!r} -> {mine['config'][k]!r}" for k in changed)
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {mine['config'][k]!r}" for k in changed)
             raise SafesteerError(f"{self.out} holds a run with other settings ({diff}); "
                                  f"pass the same options to resume it, or use a new --out")
         if state["prompts_sha256"] != mine["prompts_sha256"] or state["safety_ids"] != mine["safety_ids"]:
@@ -592,7 +689,7 @@ def _mtime(path: Path) -> int | None:
 
 def _ensure_direction(args, model, tokenizer, identity, out: Path) -> tuple[Any, bool]:
     """Stage 1 (run_direction_stage reuses a matching result). Returns (steering spec, reused?)."""
-    from .direction import META_FILE, DirectionConfig, load_direction, run_direction_stage
+    from .direction import DIRECTION_PRESETS, META_FILE, DirectionConfig, load_direction, run_direction_stage
     from .prompts import builtin_splits
 
     if args.direction:  # a teacher made elsewhere, used as it is
@@ -600,7 +697,8 @@ def _ensure_direction(args, model, tokenizer, identity, out: Path) -> tuple[Any,
     splits = builtin_splits(args.split_seed)
     values = {"seed": args.split_seed}  # DirectionConfig.seed names the built-in split it was given
     values.update(_parse_assignments(args.direction_config, DirectionConfig, "--direction-config"))
-    config = DirectionConfig(**values)
+    # The align presets carry the direction presets of the same name (cpu: the relative induce filter).
+    config = DirectionConfig.from_preset(args.preset if args.preset in DIRECTION_PRESETS else "paper", **values)
     before = _mtime(out / META_FILE)
     spec = run_direction_stage(model, tokenizer, identity, out, splits["harmful"]["direction_train"],
                                splits["harmless"]["direction_train"], splits["harmful"]["direction_val"],
