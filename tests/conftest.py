@@ -8,6 +8,7 @@ Tests that load real weights are marked `slow`; run them with `pytest -m slow` o
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,6 +21,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    # Tiny models gain nothing from threads and lose a lot when the CPU is shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +97,22 @@ def tiny_model_dir(tmp_path, smol_tokenizer):
     model.save_pretrained(out)
     smol_tokenizer.save_pretrained(out)
     return out
+
+
+@dataclass
+class Spec:
+    """Stand-in for the direction stage's steering spec: `teacher(model)` adds the direction."""
+
+    direction: torch.Tensor
+    layer: int
+    coeff: float = 1.0
+
+    @classmethod
+    def random(cls, layer: int = 1, seed: int = 7, hidden: int = 32) -> "Spec":
+        """A random direction of norm ~2 sqrt(hidden) for the tiny models (hidden size 32 by default)."""
+        return cls(direction=torch.randn(hidden, generator=torch.Generator().manual_seed(seed)) * 2.0, layer=layer)
+
+    def teacher(self, model):
+        from safesteer.steering import add_direction
+
+        return add_direction(model, self.direction, self.layer, self.coeff)

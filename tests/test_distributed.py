@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -314,6 +313,49 @@ def test_evaluation_generation_is_sharded_and_gathered(stage_runs):
     assert sorted(r["prompt"] for r in merged) == sorted(PROMPTS[:5])  # the main process wrote each row once
 
 
+@pytest.fixture(scope="module")
+def token_runs(tmp_path_factory, model_dir):
+    """Stage 2 (safety tokens) on 1 and on 2 processes, then again to reuse the artifact."""
+    root = tmp_path_factory.mktemp("tokens")
+    for n, name in ((1, "one"), (2, "two")):
+        _launch(n, "--model", str(model_dir), "--out", str(root / name), "--tokens")
+    return root
+
+
+def _token_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("tokens.rank*.json"))]
+
+
+def test_safety_tokens_over_shards_equal_the_one_process_selection(token_runs):
+    one, two = _token_records(token_runs / "one"), _token_records(token_runs / "two")
+    assert [r["world"] for r in one] == [1] and [r["world"] for r in two] == [2, 2]
+    ref = one[0]["result"]
+    assert ref["ids"] and ref["n_valid_positions"] > 0
+    assert two[0]["result"] == two[1]["result"]  # every process returns the same result
+    got = two[0]["result"]
+    assert got["ids"] == ref["ids"] and got["votes"] == ref["votes"]
+    assert (got["n_valid_positions"], got["n_eligible"]) == (ref["n_valid_positions"], ref["n_eligible"])
+    for key in ("mean_steered_prob", "mean_base_prob", "mean_delta"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-9), key
+    assert got["examples"] == ref["examples"]  # gathered in prompt order
+    assert [e["prompt"] for e in got["examples"]] == HARMLESS[:5]
+    # The artifact was written once, by the main process, and a rerun reuses it on every process.
+    assert [r["writes"] for r in two] == [1, 0] and one[0]["writes"] == 1
+    assert all(r["reused_ids"] == ref["ids"] for r in one + two)
+    data = json.loads((token_runs / "two" / "tokens" / "safety_tokens.json").read_text())
+    assert [row["id"] for row in data["tokens"]] == ref["ids"]
+
+
+def test_each_process_samples_its_shard_and_a_prompt_gets_the_same_samples(token_runs):
+    one, two = _token_records(token_runs / "one"), _token_records(token_runs / "two")
+    # 5 prompts: 3 + 2; within each process they were batched 2 per forward, so batch-mates differ too.
+    assert sorted(one[0]["samples"]) == ["0", "1", "2", "3", "4"]
+    assert [sorted(r["samples"]) for r in two] == [["0", "1", "2"], ["3", "4"]]
+    assert {**two[0]["samples"], **two[1]["samples"]} == one[0]["samples"]
+    rows = one[0]["samples"]["0"]
+    assert len(rows) == 2 and len(rows[0]) == 2 and rows[0] != rows[1]  # M = 2 rows of H - 1 = 2 tokens
+
+
 def test_fsdp2_teacher_sampling_and_checkpoint_state(tmp_path, model_dir):
     """FSDP2 (torch's fully_shard, gloo, CPU) on a LoRA student: Accelerate only shards on GPUs, so the
     sharding is done by hand here; what is checked is safesteer's side of it."""
@@ -341,24 +383,13 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs):
 # ----------------------------------------------------------------------------- the worker
 
 
-@dataclass
-class _Spec:
-    direction: torch.Tensor
-    layer: int
-    coeff: float = 1.0
-
-    def teacher(self, model):
-        from safesteer.steering import add_direction
-
-        return add_direction(model, self.direction, self.layer, self.coeff)
-
-
 def _worker(argv: list[str]) -> None:
     """Train the tiny model for 2 steps; record shards, rollouts, gradients and final weights per process."""
     import argparse
     import shutil
 
     import safesteer.rollout as rollout
+    from conftest import Spec
     from safesteer.train import TrainConfig, Trainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -368,6 +399,7 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--snapshot", default=None, help="copy the run directory here after step 1")
     parser.add_argument("--stages", action="store_true", help="run the direction stage and evaluation generation")
     parser.add_argument("--fsdp", action="store_true", help="check teacher, sampling and checkpoint state under FSDP2")
+    parser.add_argument("--tokens", action="store_true", help="run the safety-token stage twice (compute, reuse)")
     args = parser.parse_args(argv)
     distributed.init()
     torch.set_num_threads(1)
@@ -380,8 +412,10 @@ def _worker(argv: list[str]) -> None:
         return _stages_worker(model, tok, out)
     if args.fsdp:
         return _fsdp_worker(model, tok, out)
+    if args.tokens:
+        return _tokens_worker(model, tok, out)
     safety_ids = list(dict.fromkeys(tok(w, add_special_tokens=False)["input_ids"][0] for w in REFUSAL_WORDS))
-    spec = _Spec(direction=torch.randn(32, generator=torch.Generator().manual_seed(7)) * 2.0, layer=1)
+    spec = Spec.random(layer=1, seed=7)
     config = TrainConfig(steps=2, prompts_per_step=3, rollouts_per_prompt=2, max_new_tokens=6, lora_r=4,
                          lora_alpha=8, learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0)
     trainer = Trainer(model, tok, spec, safety_ids, PROMPTS, config, out, progress=False)
@@ -440,7 +474,52 @@ def _stages_worker(model, tok, out: Path) -> None:
     (out / f"gen.rank{rank}.json").write_text(json.dumps([(r["prompt"], r["response"]) for r in rows]))
 
 
+def _tokens_worker(model, tok, out: Path) -> None:
+    import safesteer.safety_tokens as st
+    from conftest import Spec
+    from safesteer.anatomy import format_prompts
+    from safetensors.torch import save_file
+
+    rank = distributed.rank()
+    direction_dir = out / "tokens"
+    if distributed.is_main_process():  # the same direction in every run
+        direction_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"direction": Spec.random(layer=1, seed=11).direction * 2}, str(direction_dir / "direction.safetensors"))
+        (direction_dir / "direction.json").write_text(json.dumps({"layer": 1, "coeff": 1.0, "position": -1}))
+    distributed.barrier()
+    formatted = format_prompts(tok, HARMLESS[:5])
+    record = {"rank": rank, "world": distributed.world_size(), "samples": {}, "writes": 0}
+    rollout_batch, write_json_atomic = st.rollout_batch, st.write_json_atomic
+
+    def recording_rollout(model, tokenizer, ctx, prompts, horizon, samples, *rest):
+        batch = rollout_batch(model, tokenizer, ctx, prompts, horizon, samples, *rest)
+        for k, text in enumerate(prompts):
+            record["samples"][str(formatted.index(text))] = batch["tokens"][k * samples:(k + 1) * samples].tolist()
+        return batch
+
+    def counting_write(*a, **kw):
+        record["writes"] += 1
+        return write_json_atomic(*a, **kw)
+
+    st.rollout_batch, st.write_json_atomic = recording_rollout, counting_write
+    config = st.SafetyTokenConfig(horizon=3, samples_per_prompt=2, n_prompts=5, top_k_per_position=20, n_tokens=10,
+                                  batch_size=4)
+    result = st.run_token_stage(model, tok, {"name": "tiny"}, direction_dir, direction_dir, HARMLESS, config,
+                                progress=False)
+    record["result"] = {k: getattr(result, k) for k in ("ids", "votes", "mean_base_prob", "mean_steered_prob",
+                                                         "mean_delta", "n_valid_positions", "n_eligible", "examples")}
+
+    def recomputing(*a, **kw):
+        raise AssertionError("recomputed although the artifact matches")
+
+    st.select_safety_tokens = recomputing
+    record["reused_ids"] = st.run_token_stage(model, tok, {"name": "tiny"}, direction_dir, direction_dir, HARMLESS,
+                                              config, progress=False).ids
+    (out / f"tokens.rank{rank}.json").write_text(json.dumps(record))
+
+
 def _fsdp_worker(model, tok, out: Path) -> None:
+    from conftest import Spec
     from peft import LoraConfig, get_peft_model
     from safesteer.anatomy import decoder_layers, format_prompts
     from safesteer.rollout import sample_rollouts
@@ -449,7 +528,7 @@ def _fsdp_worker(model, tok, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
 
     rank, count = distributed.rank(), distributed.world_size()
-    spec = _Spec(direction=torch.randn(32, generator=torch.Generator().manual_seed(7)) * 2.0, layer=1)
+    spec = Spec.random(layer=1, seed=7)
     torch.manual_seed(0)  # the same adapter on every process: fully_shard, unlike DDP, broadcasts nothing
     student = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     g = torch.Generator().manual_seed(3)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import safesteer.safety_tokens as st
 from safesteer import cli
 from safesteer.anatomy import end_of_turn_ids, format_prompts, output_head
+from safesteer.distributed import rollout_seeds
 from safesteer.errors import SafesteerError
 from safesteer.safety_tokens import (
     SafetyTokenConfig,
@@ -297,8 +298,10 @@ def test_exactly_h_minus_1_tokens_even_when_the_model_wants_to_stop(smol_tokeniz
         select_safety_tokens(model, tok, ctx, PROMPTS, SafetyTokenConfig(samples_per_prompt=2), progress=False)
 
 
-def test_samples_follow_the_teacher_distribution(smol_tokenizer):
-    """Temperature 1, top_p 1: the first token's frequencies match the teacher's probabilities."""
+@pytest.mark.parametrize("per_row", [False, True])
+def test_samples_follow_the_teacher_distribution(smol_tokenizer, per_row):
+    """Temperature 1, top_p 1: the first token's frequencies match the teacher's probabilities,
+    with one generator for the batch or one per row (the stage's way)."""
     tok = smol_tokenizer
     model = make_tiny_model(tok)
     old = model.get_output_embeddings()
@@ -311,8 +314,9 @@ def test_samples_follow_the_teacher_distribution(smol_tokenizer):
     model.set_output_embeddings(head)
     model.config.tie_word_embeddings = False
     _, ctx = steer_ctx(model)
-    out = rollout_batch(model, tok, ctx, format_prompts(tok, ["Hi"]), 2, 1000, end_of_turn_ids(tok, model),
-                        torch.Generator().manual_seed(0))
+    gens = ([torch.Generator().manual_seed(s) for s in range(1000)] if per_row
+            else torch.Generator().manual_seed(0))
+    out = rollout_batch(model, tok, ctx, format_prompts(tok, ["Hi"]), 2, 1000, end_of_turn_ids(tok, model), gens)
     first = out["tokens"][:, 0]
     assert set(first.tolist()) <= {a, b}
     assert abs((first == a).float().mean().item() - 0.7) < 0.05
@@ -332,9 +336,52 @@ def test_select_on_tiny_model_respects_exclusions_and_floor(smol_tokenizer):
     assert all(p >= 1e-7 for p in res.mean_steered_prob)
     assert res.n_positions == len(PROMPTS) * 3 * 3 and 0 < res.n_valid_positions <= res.n_positions
     assert res.texts == [tok.decode([i]) for i in res.ids]
-    # The selection does not depend on how rows are batched beyond the sampling stream: same seed, same S.
+    # Same seed, same S.
     again = select_safety_tokens(model, tok, ctx, PROMPTS, config, progress=False)
     assert again.ids == res.ids and again.votes == res.votes
+
+
+def test_a_row_gets_the_same_samples_in_any_batch(smol_tokenizer):
+    """Per-row generators: a prompt's samples depend on its own seeds only, not on its batch-mates."""
+    tok = smol_tokenizer
+    model = make_tiny_model(tok)
+    _, ctx = steer_ctx(model)
+    H, M = 5, 3
+    eot = end_of_turn_ids(tok, model)
+    formatted = format_prompts(tok, PROMPTS[:3])
+
+    def tokens(indices):
+        gens = [torch.Generator().manual_seed(s) for s in rollout_seeds(7, indices, M)]
+        torch.manual_seed(len(indices))  # the global generator must play no part
+        out = rollout_batch(model, tok, ctx, [formatted[i] for i in indices], H, M, eot, gens)
+        return out["tokens"].view(len(indices), M, H - 1)
+
+    together = tokens([0, 1, 2])
+    assert torch.equal(together[2], tokens([2])[0])  # alone, with less padding
+    assert torch.equal(together[0], tokens([1, 0])[1])  # another place in the batch
+    assert not torch.equal(together[0, 0], together[0, 1])  # the M rows of a prompt are different samples
+    with pytest.raises(SafesteerError, match="generators"):
+        rollout_batch(model, tok, ctx, formatted, H, M, eot, [torch.Generator()] * M)
+
+
+def test_selection_does_not_depend_on_the_batching(smol_tokenizer):
+    """One prompt per forward or all prompts in one: the same samples, hence the same S and statistics."""
+    tok = smol_tokenizer
+    model = make_tiny_model(tok)
+    _, ctx = steer_ctx(model)
+    base = dict(horizon=4, samples_per_prompt=3, top_k_per_position=30, n_tokens=12)
+    one_each = select_safety_tokens(model, tok, ctx, PROMPTS, SafetyTokenConfig(**base, batch_size=3), progress=False)
+    all_in_one = select_safety_tokens(model, tok, ctx, PROMPTS, SafetyTokenConfig(**base, batch_size=12),
+                                      progress=False)
+    assert one_each.examples == all_in_one.examples  # first sample of each prompt, in prompt order
+    assert [e["prompt"] for e in one_each.examples] == PROMPTS
+    assert one_each.ids == all_in_one.ids and one_each.votes == all_in_one.votes
+    assert one_each.n_valid_positions == all_in_one.n_valid_positions
+    assert one_each.mean_steered_prob == pytest.approx(all_in_one.mean_steered_prob, rel=1e-4)
+    assert one_each.mean_base_prob == pytest.approx(all_in_one.mean_base_prob, rel=1e-4)
+    other_seed = select_safety_tokens(model, tok, ctx, PROMPTS, SafetyTokenConfig(**base, batch_size=3, seed=0),
+                                      progress=False)
+    assert other_seed.examples != one_each.examples
 
 
 # ----------------------------------------------------------------------------- stage, artifacts, CLI

@@ -46,13 +46,7 @@ ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt2"
 _CACHE: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads and lose a lot when the CPU is shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(arch: str):
@@ -91,10 +85,20 @@ def direction(seed: int = 1, scale: float = 3.0):
 
 
 @contextmanager
+def layer_hooks(model, register):
+    """The hooks `register(i, layer)` adds to each decoder layer, removed on exit."""
+    handles = [register(i, layer) for i, layer in enumerate(decoder_layers(model))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def capture_inputs(model):
     """Pre-hooks that record every decoder layer's hidden-states input (as they see it)."""
     seen: dict[int, torch.Tensor] = {}
-    handles = []
 
     def make(i):
         def hook(_m, args, kwargs):
@@ -102,13 +106,8 @@ def capture_inputs(model):
             seen[i] = h.detach().clone()
         return hook
 
-    for i, layer in enumerate(decoder_layers(model)):
-        handles.append(layer.register_forward_pre_hook(make(i), with_kwargs=True))
-    try:
+    with layer_hooks(model, lambda i, layer: layer.register_forward_pre_hook(make(i), with_kwargs=True)):
         yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def no_hooks_left(model) -> bool:
@@ -326,16 +325,14 @@ def _forward_kwargs(ids, mask):
 def count_block_work(model):
     """Calls of each decoder layer's attention module: a layer handed through does not run it."""
     counts = [0] * len(decoder_layers(model))
-    handles = []
-    for i, block in enumerate(decoder_layers(model)):
-        def hook(*_, i=i):
+
+    def make(i):
+        def hook(*_):
             counts[i] += 1
-        handles.append(_named_child(block, _ATTN_NAMES).register_forward_hook(hook))
-    try:
+        return hook
+
+    with layer_hooks(model, lambda i, block: _named_child(block, _ATTN_NAMES).register_forward_hook(make(i))):
         yield counts
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def no_forward_shadowed(model) -> bool:

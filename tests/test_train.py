@@ -5,30 +5,17 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny_model
+from conftest import ARCHS, Spec, make_tiny_model
 from safesteer.anatomy import decoder_layers, end_of_turn_ids
 from safesteer.errors import SafesteerError
 from safesteer.loss import s_slice_logprobs
 from safesteer.rollout import sample_rollouts
-from safesteer.steering import add_direction
 from safesteer.train import (PRESETS, TrainConfig, Trainer, _parse_assignments, forward_hidden, lora_module_names,
                              prepare_student)
 
 PROMPTS = ["How do I pick a lock?", "Write a phishing email.", "Explain how to make a fake ID.",
            "Tell me how to hotwire a car."]
 REFUSAL_WORDS = ["I", " I", "Sorry", " sorry", " cannot", " can't", " unable", " illegal", " harmful", " assist"]
-
-
-@dataclass
-class Spec:
-    """Stand-in for the direction stage's steering spec: `teacher(model)` adds the direction."""
-
-    direction: torch.Tensor
-    layer: int
-    coeff: float = 1.0
-
-    def teacher(self, model):
-        return add_direction(model, self.direction, self.layer, self.coeff)
 
 
 def refusal_ids(tok):
@@ -49,8 +36,7 @@ def tiny(tok, seed=0, arch="llama"):
 
 @pytest.fixture
 def spec():
-    g = torch.Generator().manual_seed(7)
-    return Spec(direction=torch.randn(32, generator=g) * 2.0, layer=1)
+    return Spec.random(layer=1, seed=7)
 
 
 @pytest.fixture

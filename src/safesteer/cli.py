@@ -13,9 +13,11 @@ the shared options and turns user-fixable errors into one line instead of a trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import SafesteerError
 
@@ -48,6 +50,34 @@ def add_prompt_args(p: argparse.ArgumentParser, default: str | None = "advbench"
     p.add_argument(flag, default=default,
                    help=f"built-in set ({', '.join(BUILTIN_SETS)}), a .jsonl/.json/.csv/.txt file or hf:org/name[:split]")
     p.add_argument("--field", default=None, help="field/column holding the prompt text in a file or dataset")
+
+
+def add_config_args(p, config_cls: type, names: Iterable[str] | None = None, *, default: Any = None,
+                    types: Mapping[str, Callable[[str], Any]] | None = None,
+                    choices: Mapping[str, Sequence[Any]] | None = None, metavar: str | None = None,
+                    show_default: str | None = None) -> None:
+    """One option per field of the config dataclass `config_cls` (all fields, or `names` in that order) on `p`
+    (a parser or argument group): --field-name, dest field_name, help from the field's metadata.
+
+    `default` is what an absent option leaves: None lets the caller tell "not given" from a value (a preset
+    fills it in), argparse.SUPPRESS leaves the attribute out. Booleans become --x/--no-x. Other fields parse
+    with `types[name]`, else the type of the field's default (float for a None default); `choices[name]` and
+    `metavar` are passed on. `show_default`, e.g. " (default: {})", appends the field's default to the help of
+    non-boolean fields whose help does not state its default already.
+    """
+    by_name = {f.name: f for f in dataclasses.fields(config_cls)}
+    for f in (by_name[name] for name in names) if names is not None else by_name.values():
+        flag = "--" + f.name.replace("_", "-")
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f.metadata.get("help", "")
+        if isinstance(value, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        if show_default and "default:" not in help_text:
+            help_text += show_default.format(value)
+        kind = (types or {}).get(f.name) or (float if value is None else type(value))
+        p.add_argument(flag, dest=f.name, type=kind, default=default, choices=(choices or {}).get(f.name),
+                       metavar=metavar, help=help_text)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

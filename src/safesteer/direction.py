@@ -1055,7 +1055,7 @@ def _cmd_direction(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from .cli import add_model_args
+    from .cli import add_config_args, add_model_args
 
     p = subparsers.add_parser(
         "direction", help="stage 1: find the refusal direction (the steered safety teacher)",
@@ -1072,17 +1072,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--preset", choices=("auto", *DIRECTION_PRESETS), default="auto",
                    help="selection settings: paper (the method's filters) or cpu (small models: relative induce "
                         "filter); auto = paper with CUDA, cpu without. The options below override it.")
-    defaults = DirectionConfig()
-    for f in fields(DirectionConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f.metadata.get("help", "")
-        # Default None: an option given on the command line overrides the preset, an absent one does not.
-        if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.name in ("positions", "layers"):
-            p.add_argument(flag, dest=f.name, type=_int_list, default=None, help=help_text)
-        else:
-            kind = float if default is None else type(default)
-            p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{help_text} (default: {default})")
+    # Default None: an option given on the command line overrides the preset, an absent one does not.
+    add_config_args(p, DirectionConfig, default=None, types={"positions": _int_list, "layers": _int_list},
+                    show_default=" (default: {})")
     p.set_defaults(func=_cmd_direction)

@@ -1069,6 +1069,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
+    from .cli import add_config_args
+
     p = subparsers.add_parser(
         "eval", help="safety, over-refusal and capability of one or more models, side by side",
         description="Evaluate models on the same prompts: refusal / attack success on harmful sets, over-refusal on "
@@ -1095,17 +1097,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--field", default=None, help="field/column holding the prompt text in user sets")
     p.add_argument("--no-builtin", action="store_true", help="use only the sets given with --harmful / --overrefusal")
     sizes = p.add_argument_group("sizes (N, 0 to skip, or 'all')")
-    for f in fields(EvalConfig):
-        if f.name.startswith("n_"):
-            sizes.add_argument("--" + f.name.replace("_", "-"), type=_size, default=argparse.SUPPRESS, metavar="N",
-                               help=f"{f.metadata['help']} (default {f.default})")
+    size_names = [f.name for f in fields(EvalConfig) if f.name.startswith("n_")]
+    add_config_args(sizes, EvalConfig, size_names, default=argparse.SUPPRESS, types=dict.fromkeys(size_names, _size),
+                    metavar="N", show_default=" (default {})")
     sizes.add_argument("--full-mmlu", action="store_true", help="all 14,042 MMLU questions")
     g = p.add_argument_group("generation and judging")
-    for name, typ in (("max_new_tokens", int), ("gsm8k_max_new_tokens", int), ("drift_max_new_tokens", int),
-                      ("batch_size", int), ("samples", int), ("seed", int), ("split_seed", int), ("judge", str)):
-        f = next(f for f in fields(EvalConfig) if f.name == name)
-        g.add_argument("--" + name.replace("_", "-"), type=typ, default=argparse.SUPPRESS,
-                       help=f"{f.metadata['help']} (default {f.default})")
+    add_config_args(g, EvalConfig, ("max_new_tokens", "gsm8k_max_new_tokens", "drift_max_new_tokens", "batch_size",
+                                    "samples", "seed", "split_seed", "judge"),
+                    default=argparse.SUPPRESS, show_default=" (default {})")
     g.add_argument("--sample", action="store_true", default=argparse.SUPPRESS, help="sample at T=1 even with --samples 1")
     g.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-evaluation-harness tasks, e.g. mmlu,gsm8k "
                                                          "(needs pip install lm-eval and network)")

@@ -579,6 +579,17 @@ def plot_training(metrics: list[dict]):
     def series(*keys: str) -> list[float]:
         return [_as_float(_first_key(r, keys)) for r in metrics]
 
+    def two_scales(ax, title: str, left: tuple[str, str, str], right: tuple[str, str, str]) -> None:
+        """Two metrics on one panel, each (key, label, colour): `left` with markers, `right` dashed on its own scale."""
+        key, label, colour = left
+        ax.plot(steps, series(key), marker="o", markersize=3, color=colour, label=label)
+        ax.set_title(title, fontsize=10)
+        key, label, colour = right
+        twin = ax.twinx()
+        twin.plot(steps, series(key), linestyle="--", color=colour, label=label)
+        ax.legend(fontsize=8, loc="upper left")
+        twin.legend(fontsize=8, loc="upper right")
+
     fig = _figure(13, 6.4)
     axes = fig.subplots(2, 3).flatten()
     ax = axes[0]
@@ -607,20 +618,10 @@ def plot_training(metrics: list[dict]):
     else:
         ax.bar(steps, np.nan_to_num(np.array(series("time_step_s"))), color="0.5")
     ax.set_title("time per step (s)", fontsize=10)
-    ax = axes[4]
-    ax.plot(steps, series("sampled_kl"), marker="o", markersize=3, color="#333333", label="sampled KL")
-    ax.set_title("KL(student || teacher) on sampled tokens; entropy", fontsize=10)
-    twin = ax.twinx()
-    twin.plot(steps, series("student_entropy"), linestyle="--", color="#ccb974", label="student entropy")
-    ax.legend(fontsize=8, loc="upper left")
-    twin.legend(fontsize=8, loc="upper right")
-    ax = axes[5]
-    ax.plot(steps, series("grad_norm"), marker="o", markersize=3, color="#937860", label="grad norm (before clip)")
-    ax.set_title("gradient norm; learning rate", fontsize=10)
-    twin = ax.twinx()
-    twin.plot(steps, series("lr"), linestyle="--", color="0.5", label="lr")
-    ax.legend(fontsize=8, loc="upper left")
-    twin.legend(fontsize=8, loc="upper right")
+    two_scales(axes[4], "KL(student || teacher) on sampled tokens; entropy",
+               ("sampled_kl", "sampled KL", "#333333"), ("student_entropy", "student entropy", "#ccb974"))
+    two_scales(axes[5], "gradient norm; learning rate",
+               ("grad_norm", "grad norm (before clip)", "#937860"), ("lr", "lr", "0.5"))
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:

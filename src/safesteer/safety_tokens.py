@@ -18,6 +18,12 @@ How the work is laid out, and why:
   eligible set is known only after every sample is scored. The full [N, H, V] log-probabilities are
   never kept: the first pass keeps the last-layer hidden states ([N, H, d], small) and the running
   sum of steered probabilities; the vote is a second pass that re-applies the output head to them.
+* Launched with several processes (torchrun, accelerate launch), each process samples and scores a
+  contiguous share of the prompts (`distributed.shard`, as stage 1). The per-token sums are added
+  over processes before the floor (pass 1) and before the selection (pass 2), so S is the one a
+  single process finds. Every sample row draws from its own random stream, seeded from the seed,
+  the prompt's index in the full list and the row (`distributed.rollout_seeds`), so a prompt gets
+  the same samples whichever process or batch it lands in.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 
 from .anatomy import end_of_turn_ids, format_prompts, output_head
+from .distributed import (all_reduce_sum, barrier, broadcast_object, gather_objects, is_main_process,
+                          rollout_seeds, shard_bounds, world_size)
 from .errors import SafesteerError
 from .utils import read_json, sha256_file, sha256_texts, write_json_atomic
 
@@ -223,6 +231,22 @@ class TokenStats:
         chosen = indices[values > float("-inf")]
         self.votes += torch.bincount(chosen.cpu(), minlength=self.vocab_size)
 
+    def sum_steered_over_processes(self) -> None:
+        """After pass 1 on each process's share of the prompts: the floor needs the sums over all of them."""
+        if world_size() == 1:
+            return
+        self.n_valid = int(all_reduce_sum(torch.tensor([self.n_valid], dtype=torch.long))[0])
+        self.sum_steered = all_reduce_sum(self.sum_steered)
+
+    def sum_scores_over_processes(self) -> None:
+        """After pass 2: votes and sums over all processes' positions (identical on every process)."""
+        if world_size() == 1:
+            return
+        sums = all_reduce_sum(torch.stack([self.sum_base, self.sum_delta, self.sum_score]))
+        self.sum_base, self.sum_delta, self.sum_score = sums.unbind(0)
+        counts = all_reduce_sum(torch.cat([self.votes, torch.tensor([self.n_scored], dtype=torch.long)]))
+        self.votes, self.n_scored = counts[:-1], int(counts[-1])
+
     def select(self, eligible: torch.Tensor, k: int, method: str = "vote") -> TokenSelection:
         if self.n_valid == 0:
             raise SafesteerError(
@@ -280,9 +304,12 @@ def _last_hidden(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout_batch(model: Any, tokenizer: Any, teacher_ctx: Callable[[], ContextManager], formatted: list[str],
-                  horizon: int, samples: int, suppress_ids: Sequence[int], generator: torch.Generator) -> dict:
+                  horizon: int, samples: int, suppress_ids: Sequence[int],
+                  generator: torch.Generator | Sequence[torch.Generator]) -> dict:
     """Sample H-1 tokens per (prompt, sample) from the teacher; score them under teacher and base.
 
+    `generator`: one for the whole batch, or one per row (R of them, prompt-major), which makes each
+    row's samples independent of the rest of the batch.
     Returns tokens [R, H-1], teacher_logits [R, H, V] (float32, the distributions the samples were drawn
     from plus the one after the last token), teacher_hidden / base_hidden [R, H, d] (last layer) and
     base_argmax [R, H], with R = len(formatted) * samples, prompt-major.
@@ -292,6 +319,9 @@ def rollout_batch(model: Any, tokenizer: Any, teacher_ctx: Callable[[], ContextM
     ids, mask = enc["input_ids"], enc["attention_mask"]
     pos = _positions(mask)
     rows = ids.shape[0] * samples
+    per_row = not isinstance(generator, torch.Generator)
+    if per_row and len(generator) != rows:
+        raise SafesteerError(f"rollout_batch got {len(generator)} generators for {rows} rows")
     n_new = horizon - 1
     suppress = torch.as_tensor(sorted(set(suppress_ids)), device=device)
     rep_mask = mask.repeat_interleave(samples, 0)
@@ -318,7 +348,10 @@ def rollout_batch(model: Any, tokenizer: Any, teacher_ctx: Callable[[], ContextM
             # Temperature 1, top_p 1, no early stop: a plain categorical draw with end of turn removed,
             # so exactly H-1 tokens come out (as generate with min_new_tokens = max_new_tokens = H-1).
             probs = logits.index_fill_(-1, suppress, float("-inf")).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
+            if per_row:
+                nxt = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generator)])[:, None]
+            else:
+                nxt = torch.multinomial(probs, 1, generator=generator)
             tokens[:, j] = nxt[:, 0]
             del probs, logits
             out = model(input_ids=nxt, attention_mask=step_mask(j + 1), position_ids=last_pos + j + 1,
@@ -365,7 +398,8 @@ def select_safety_tokens(model: Any, tokenizer: Any, teacher_ctx: Callable[[], C
     """Stage 2 on harmless prompts (str or Prompt; the first config.n_prompts are used).
 
     `teacher_ctx` is a zero-argument callable returning the context that turns the model into the
-    teacher, e.g. `lambda: add_direction(model, r, layer, coeff)`.
+    teacher, e.g. `lambda: add_direction(model, r, layer, coeff)`. Launched with several processes,
+    every process must call it with the same prompts; each samples its share and all return the same result.
     """
     from tqdm.auto import tqdm
 
@@ -381,22 +415,25 @@ def select_safety_tokens(model: Any, tokenizer: Any, teacher_ctx: Callable[[], C
     device = next(model.parameters()).device
     t0 = time.time()
 
-    formatted = format_prompts(tokenizer, texts)
-    # Similar lengths per batch waste less compute on padding; the order does not change the statistics.
-    lengths = [len(tokenizer(f, add_special_tokens=False)["input_ids"]) for f in formatted]
-    order = sorted(range(len(formatted)), key=lambda i: (lengths[i], i))
+    first, stop = shard_bounds(len(texts))  # this process's prompts, by index in the full list
+    formatted = dict(zip(range(first, stop), format_prompts(tokenizer, texts[first:stop]))) if stop > first else {}
+    # Similar lengths per batch waste less compute on padding; the order does not change the statistics,
+    # and each row's samples come from its own stream, so it does not change the samples either.
+    lengths = {i: len(tokenizer(f, add_special_tokens=False)["input_ids"]) for i, f in formatted.items()}
+    order = sorted(formatted, key=lambda i: (lengths[i], i))
     per_batch = max(1, config.batch_size // samples)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
 
-    vocab = None
+    vocab = 0
     stats: TokenStats | None = None
     kept_t, kept_0 = [], []
-    examples: list[dict] = []
-    bar = tqdm(total=len(order) * samples, desc="teacher samples", unit="seq", disable=not progress)
+    examples: list[tuple[int, dict]] = []
+    bar = tqdm(total=len(order) * samples, desc="teacher samples", unit="seq",
+               disable=not progress or not is_main_process())
     for start in range(0, len(order), per_batch):
         idx = order[start: start + per_batch]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in rollout_seeds(config.seed, idx, samples)]
         out = rollout_batch(model, tokenizer, teacher_ctx, [formatted[i] for i in idx], horizon, samples, eot_ids,
-                            generator)
+                            generators)
         if stats is None:
             vocab = out["teacher_logits"].shape[-1]
             stats = TokenStats(vocab, config.rank_by)
@@ -405,15 +442,20 @@ def select_safety_tokens(model: Any, tokenizer: Any, teacher_ctx: Callable[[], C
         kept_t.append(out["teacher_hidden"][valid])
         kept_0.append(out["base_hidden"][valid])
         for k, i in enumerate(idx):
-            examples.append({"prompt": texts[i], "teacher": tokenizer.decode(out["tokens"][k * samples].tolist()),
-                             "valid_positions": int(valid[k * samples].sum())})
+            examples.append((i, {"prompt": texts[i], "teacher": tokenizer.decode(out["tokens"][k * samples].tolist()),
+                                 "valid_positions": int(valid[k * samples].sum())}))
         del out
         bar.update(len(idx) * samples)
     bar.close()
+    if world_size() > 1:
+        vocab = max(gather_objects([vocab]))  # a process left without prompts (more processes than prompts)
+        stats = stats or TokenStats(vocab, config.rank_by)
+    stats.sum_steered_over_processes()
     t_sample = time.time() - t0
 
     eligible = stats.eligible(static_eligible_mask(tokenizer, vocab), floor)
-    hid_t, hid_0 = torch.cat(kept_t), torch.cat(kept_0)
+    hid_t = torch.cat(kept_t) if kept_t else torch.empty(0)
+    hid_0 = torch.cat(kept_0) if kept_0 else torch.empty(0)
     del kept_t, kept_0
     chunk = 128  # positions per full-vocabulary chunk: bounds memory to a few [128, V] float32 tensors
     eligible_here = eligible.to(device)
@@ -421,11 +463,11 @@ def select_safety_tokens(model: Any, tokenizer: Any, teacher_ctx: Callable[[], C
         logp_t = head(hid_t[s: s + chunk]).float().log_softmax(-1)
         logp_0 = head(hid_0[s: s + chunk]).float().log_softmax(-1)
         stats.add_scores(logp_t, logp_0, eligible_here, config.top_k_per_position)
+    stats.sum_scores_over_processes()
     selection = stats.select(eligible, config.n_tokens, config.method)
     t_total = time.time() - t0
 
-    examples.sort(key=lambda e: texts.index(e["prompt"]))
-    return SafetyTokenResult(
+    result = SafetyTokenResult(
         ids=selection.ids, texts=[tokenizer.decode([i]) for i in selection.ids], votes=selection.votes,
         mean_base_prob=selection.mean_base_prob, mean_steered_prob=selection.mean_steered_prob,
         mean_delta=selection.mean_delta, n_valid_positions=selection.n_valid_positions,
@@ -433,8 +475,10 @@ def select_safety_tokens(model: Any, tokenizer: Any, teacher_ctx: Callable[[], C
         horizon=horizon, min_steered_prob=floor,
         timing={"sample_and_score_s": round(t_sample, 2), "vote_s": round(t_total - t_sample, 2),
                 "total_s": round(t_total, 2)},
-        examples=examples,
+        examples=[e for _, e in sorted(gather_objects(examples), key=lambda pair: pair[0])],
     )
+    # The reduced sums are the same everywhere; the main process's result (and timing) is the run's.
+    return broadcast_object(result) if world_size() > 1 else result
 
 
 # ----------------------------------------------------------------------------- refusal-score filter
@@ -547,7 +591,11 @@ def _matches(data: dict, identity: dict, direction_sha: str, prompts: dict, conf
 def run_token_stage(model: Any, tokenizer: Any, identity: dict, direction_dir: str | Path, out_dir: str | Path,
                     prompts: Sequence[Any], config: SafetyTokenConfig | None = None, progress: bool = True,
                     force: bool = False) -> SafetyTokenResult:
-    """Select S with the teacher stored in `direction_dir`; write (or reuse) the artifacts in `out_dir`."""
+    """Select S with the teacher stored in `direction_dir`; write (or reuse) the artifacts in `out_dir`.
+
+    Launched with several processes, every process calls it: the main process decides on reuse and
+    writes the artifacts, the others wait for them; all return the same result.
+    """
     from .direction import DIRECTION_FILE, load_direction
 
     config = config or SafetyTokenConfig()
@@ -557,21 +605,29 @@ def run_token_stage(model: Any, tokenizer: Any, identity: dict, direction_dir: s
     spec = load_direction(direction_dir, model)
     direction_sha = sha256_file(Path(direction_dir) / DIRECTION_FILE)
     json_path = out_dir / JSON_NAME
-    if json_path.is_file() and not force:
+    reusable = None
+    if is_main_process() and json_path.is_file() and not force:
         try:
             data = read_json(json_path)
         except ValueError:
             data = {}
         if _matches(data, identity, direction_sha, record, config):
-            result = SafetyTokenResult.from_json(data)
-            if not (out_dir / PLOT_NAME).is_file():
-                plot_safety_tokens(result, out_dir / PLOT_NAME)
-            return result
+            reusable = data
+    # One decision for all processes: they either all return the stored result or all join the selection.
+    reusable = broadcast_object(reusable) if world_size() > 1 else reusable
+    if reusable is not None:
+        result = SafetyTokenResult.from_json(reusable)
+        if is_main_process() and not (out_dir / PLOT_NAME).is_file():
+            plot_safety_tokens(result, out_dir / PLOT_NAME)
+        barrier()
+        return result
     result = select_safety_tokens(model, tokenizer, lambda: spec.teacher(model), texts, config, progress=progress)
-    direction_record = {"sha256": direction_sha, "path": str(Path(direction_dir).resolve()), "layer": spec.layer,
-                        "coeff": spec.coeff, "position": spec.position}
-    write_json_atomic(json_path, _artifact(result, identity, direction_record, record))
-    plot_safety_tokens(result, out_dir / PLOT_NAME)
+    if is_main_process():
+        direction_record = {"sha256": direction_sha, "path": str(Path(direction_dir).resolve()), "layer": spec.layer,
+                            "coeff": spec.coeff, "position": spec.position}
+        write_json_atomic(json_path, _artifact(result, identity, direction_record, record))
+        plot_safety_tokens(result, out_dir / PLOT_NAME)
+    barrier()  # later stages on any process read the artifact
     return result
 
 

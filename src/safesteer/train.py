@@ -869,7 +869,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from .cli import add_model_args
+    from .cli import add_config_args, add_model_args
 
     p = subparsers.add_parser(
         "align", help="direction -> safety tokens -> training -> summary, in one run directory",
@@ -893,15 +893,8 @@ def add_cli(subparsers) -> None:
     g = p.add_argument_group("training (default: the preset's value)")
     choices = {"loss": LOSS_VARIANTS, "finetune": FINETUNE_MODES, "bf16": ("auto", "on", "off"),
                "teacher_dtype": ("same", "bfloat16", "float16")}
-    for f in fields(TrainConfig):
-        if f.name in ("preset", "merge"):  # merge: see --adapter-only
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            g.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name),
-                           help=f.metadata["help"])
+    add_config_args(g, TrainConfig, [f.name for f in fields(TrainConfig) if f.name not in ("preset", "merge")],
+                    default=None, choices=choices)  # merge: see --adapter-only
     g.add_argument("--adapter-only", action="store_true", help="save the LoRA adapter instead of a merged model")
     e = p.add_argument_group("summary")
     e.add_argument("--eval-limit", type=int, default=64, help="held-out prompts per set in the summary")
