@@ -394,3 +394,25 @@ def test_default_builtin_suite_on_smollm2(tmp_path):
     # The model follows the MMLU format: most probability mass sits on the four letters.
     assert base["mmlu"]["mean_letter_mass"] > 0.5
     assert all(not math.isnan(r["ci_low"]) for r in _all_rates(results["models"]))
+
+
+def test_model_fingerprint_is_exact_and_independent_of_threads(tiny_model, smol_tokenizer):
+    import copy
+
+    from safesteer.evaluate import model_fingerprint
+
+    entry = ModelEntry("base", tiny_model, smol_tokenizer)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = model_fingerprint(entry)
+        torch.set_num_threads(2)
+        two = model_fingerprint(entry)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two == model_fingerprint(ModelEntry("base", copy.deepcopy(tiny_model), smol_tokenizer))
+    nudged = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in nudged.parameters():
+            p.mul_(1 + 1e-6)  # below a 5-digit summary, but other weights all the same
+    assert model_fingerprint(ModelEntry("base", nudged, smol_tokenizer)) != one

@@ -191,8 +191,12 @@ def model_fingerprint(entry: ModelEntry) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in entry.model.named_parameters():
-            t = p.detach().float()
-            h.update(f"{name}:{tuple(p.shape)}:{t.sum().item():.5e}:{t.abs().sum().item():.5e}".encode())
+            # The exact bytes of a fixed sample of entries: a float sum would depend on the thread count
+            # (reduction order), so the same weights in two processes could look different.
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+            h.update(f"{name}:{tuple(p.shape)}:".encode())
+            h.update(sample.numpy().tobytes())
     h.update(json.dumps(entry.info, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
