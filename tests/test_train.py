@@ -192,7 +192,9 @@ def test_presets_and_overrides():
     assert TrainConfig.from_preset("paper", "llama").learning_rate == 1e-6
     assert paper.warmup_steps == 3 and paper.weight_decay == 0.0 and paper.max_grad_norm == 1.0
     cpu = TrainConfig.from_preset("cpu", "qwen", steps=3, loss=None)
-    assert cpu.steps == 3 and cpu.loss == TrainConfig().loss and cpu.finetune == "lora"
+    assert cpu.steps == 3 and cpu.finetune == "lora"
+    assert cpu.loss == "localized_bucket" and cpu.lora_layers == "from_steering"  # None overrides nothing
+    assert paper.lora_layers == "all"
     assert set(PRESETS) == {"paper", "cpu"}
     with pytest.raises(SafesteerError, match="unknown loss"):
         TrainConfig(loss="kl")
@@ -245,7 +247,7 @@ def test_align_command_trains_saves_and_reuses_the_run_directory(tmp_path, tiny_
     assert [r["step"] for r in rows] == [1, 2]
     record = json.loads((out / "model" / "safesteer.json").read_text())
     assert record["config"]["steps"] == 2 and record["config"]["lora_r"] == 4 and record["config"]["preset"] == "cpu"
-    assert record["config"]["loss"] == TrainConfig().loss  # not given: the preset's value
+    assert record["config"]["loss"] == PRESETS["cpu"]["loss"]  # not given: the preset's value
     assert set(record["artifacts"]) == {"direction.safetensors", "direction.json", "safety_tokens.json"}
     timings = json.loads((out / "timings.json").read_text())
     assert {"load_model", "direction", "tokens", "training"} <= set(timings["stages"])
@@ -285,7 +287,7 @@ def without_dropout(model):
 
 
 def test_lora_layers_option_is_validated():
-    assert TrainConfig().lora_layers == "all" and TrainConfig.from_preset("cpu").lora_layers == "all"
+    assert TrainConfig().lora_layers == "all" and TrainConfig.from_preset("paper").lora_layers == "all"
     assert TrainConfig.from_preset("paper").lora_layers == "all"
     assert TrainConfig(lora_layers="from_steering").lora_layers == "from_steering"
     with pytest.raises(SafesteerError, match="finetune=lora"):

@@ -58,7 +58,7 @@ class EvalConfig:
     CPU cores; `quick()` is the smaller preset `safesteer align` uses for its before/after summary.
     """
 
-    n_harmful: int | None = field(default=48, metadata=_help("prompts per built-in harmful set (AdvBench held-out, HarmBench)"))
+    n_harmful: int | None = field(default=32, metadata=_help("prompts per built-in harmful set (AdvBench held-out, HarmBench)"))
     n_edgy: int | None = field(default=64, metadata=_help("built-in harmless-but-edgy prompts"))
     n_mmlu: int | None = field(default=57, metadata=_help("MMLU questions, stratified by subject (all: 14,042)"))
     n_gsm8k: int | None = field(default=8, metadata=_help("GSM8K problems (of the 100 shipped)"))

@@ -136,8 +136,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # fine-tune, seed 42 (the learning rate is set per family in TrainConfig.preset).
     "paper": dict(steps=25, prompts_per_step=4, rollouts_per_prompt=8, max_new_tokens=512, finetune="full",
                   gradient_checkpointing=True, checkpoint_every=5, bf16="auto"),
-    # The embedded default on 2 CPU cores: a LoRA student, small rollouts, a step every ~20 s.
-    "cpu": {f.name: f.default for f in fields(TrainConfig) if f.name != "preset"},
+    # The embedded default on 2 CPU cores: a LoRA student on the steering layer and above, small rollouts.
+    # On the 0.5B default the paper's loss with the paper's S barely moves the model (harmful refusal
+    # 58% -> 62%, n=64), so this preset uses the proper divergence over S plus one bucket for the rest
+    # of the vocabulary and a low learning rate (58% -> 84%, over-refusal 27% -> 44%; see README).
+    "cpu": {**{f.name: f.default for f in fields(TrainConfig) if f.name != "preset"},
+            "lora_layers": "from_steering", "loss": "localized_bucket", "learning_rate": 5e-5},
 }
 
 
@@ -634,7 +638,14 @@ def output_is_complete(out_dir: str | Path) -> bool:
 
 # Token-stage settings the CPU preset uses on top of the paper's (chosen by measurement on the
 # default model; the "paper" preset keeps safety_tokens' own defaults).
-ALIGN_TOKEN_PRESETS: dict[str, dict[str, Any]] = {"paper": {}, "cpu": {}}
+ALIGN_TOKEN_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # The paper's vote over the default model's teacher admits mostly rare tokens (code fragments, CJK,
+    # "abort") that carry ~1-2% of the probability on the student's rollouts. A floor on the mean steered
+    # probability (1e-3) and a narrower vote (K' = 10) keep the tokens the teacher actually emits and
+    # boosts: "Unfortunately", " unable", "Sorry", " sorry", " cannot", "I", ... (~20% of the mass).
+    "cpu": {"min_steered_prob": 1e-3, "top_k_per_position": 10},
+}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
