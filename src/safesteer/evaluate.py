@@ -827,7 +827,7 @@ def evaluate_models(entries: list[ModelEntry], config: EvalConfig | None = None,
 
 # ----------------------------------------------------------------------------- tables
 
-TABLE_COLUMNS = ("harmful refusal", "edgy over-refusal", "MMLU", "GSM8K", "KL drift", "token agreement")
+TABLE_COLUMNS = ("harmful refusal", "over-refusal (all sets)", "MMLU", "GSM8K", "KL drift", "token agreement")
 
 
 def _drift_cell(drift: dict | None) -> str:

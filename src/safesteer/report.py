@@ -746,7 +746,7 @@ def _view_from_results(data: dict) -> EvalView:
             view.rates.setdefault(metric, {})[model] = _rate_dict(rate)
             view.kinds[metric] = kind
 
-    suites = (("safety", "safety", "harmful refusal"), ("overrefusal", "over-refusal", "edgy over-refusal"))
+    suites = (("safety", "safety", "harmful refusal"), ("overrefusal", "over-refusal", "over-refusal (all sets)"))
     for name, m in models.items():
         if not isinstance(m, dict):
             continue
