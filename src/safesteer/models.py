@@ -20,7 +20,7 @@ from typing import Any
 
 from .assets import ASSET_INSTALL_HINT, asset_file
 from .errors import SafesteerError
-from .utils import read_json, sha256_file, write_json_atomic
+from .utils import read_json, sha256_file, temp_dir_in, write_json_atomic
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 CACHE_FORMAT_VERSION = 1
@@ -114,7 +114,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, source: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp_dir = temp_dir_in(out_dir.parent, f".{out_dir.name}.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)

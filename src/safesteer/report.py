@@ -375,7 +375,8 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"^(KL|induce) -?[0-9.e+-]+ ", r"\1 ", reason)
 
 
-def plot_direction_scores(candidates: list[dict], n_layers: int | None = None, max_layer_frac: float = 0.8):
+def plot_direction_scores(candidates: list[dict], n_layers: int | None = None, max_layer_frac: float = 0.8,
+                          induce_threshold: float = 0.0, kl_threshold: float = 0.1):
     """Bypass, induce and log10 KL over layer x position: grey = not scored, hatched = excluded, star = chosen."""
     import matplotlib
     import numpy as np
@@ -385,8 +386,10 @@ def plot_direction_scores(candidates: list[dict], n_layers: int | None = None, m
     positions = sorted({c["position"] for c in candidates})
     pi = {p: i for i, p in enumerate(positions)}
     panels = (("bypass", "bypass score: mean refusal score on harmful-val with r ablated (lower = better)", "viridis"),
-              ("induce", "induce score: mean refusal score on harmless-val with r added (must be >= 0)", "magma"),
-              ("kl", "log10 KL on harmless-val under ablation (threshold 0.1 = -1)", "cividis"))
+              ("induce", f"induce score: mean refusal score on harmless-val with r added (must be >= {induce_threshold:.3g})",
+               "magma"),
+              ("kl", f"log10 KL on harmless-val under ablation (threshold {kl_threshold:g} = {math.log10(kl_threshold):.3g})",
+               "cividis"))
     width = max(8.0, 0.36 * len(layers) + 3.0)
     fig = _figure(width, 3 * max(1.6, 0.32 * len(positions) + 1.0) + 0.4)
     axes = fig.subplots(len(panels), 1, sharex=True)
@@ -462,7 +465,10 @@ def section_direction(run: RunArtifacts) -> list[Any]:
         blocks.append(data_block)
     parts: list[Any] = [_row(*blocks)]
     if candidates:
-        fig = plot_direction_scores(candidates, d.get("n_layers"), (d.get("config") or {}).get("max_layer_frac", 0.8))
+        config = d.get("config") or {}
+        fig = plot_direction_scores(candidates, d.get("n_layers"), config.get("max_layer_frac", 0.8),
+                                    d.get("induce_threshold_used", config.get("induce_threshold", 0.0)),
+                                    config.get("kl_threshold", 0.1))
         cut = (d.get("config") or {}).get("max_layer_frac", 0.8)
         parts.append(_img(fig, f"Heatmaps of bypass, induce and KL scores over layer and position for "
                                f"{len(candidates)} candidate directions; chosen layer {d.get('layer')}, "

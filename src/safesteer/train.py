@@ -30,7 +30,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,7 +41,7 @@ from . import distributed
 from .errors import SafesteerError
 from .loss import LOSS_VARIANTS
 from .utils import (append_jsonl, read_json, read_jsonl, seed_everything, sha256_file, sha256_texts,
-                    write_json_atomic, write_text_atomic)
+                    temp_dir_in, write_json_atomic, write_text_atomic)
 
 FINETUNE_MODES = ("lora", "full")
 LORA_LAYERS = ("all", "from_steering")
@@ -515,7 +514,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.out))
+        tmp = temp_dir_in(self.out, ".checkpoint.")
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -615,7 +614,7 @@ class Trainer:
             model = model.merge_and_unload()
             self.model, self.merged = model, True
         if self.accelerator.is_main_process:
-            tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=self.out))
+            tmp = temp_dir_in(self.out, ".model.")
             try:
                 model.eval()
                 model.save_pretrained(tmp, state_dict=state_dict)

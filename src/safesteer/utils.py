@@ -29,10 +29,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        if tmp_path.exists():  # some writers (safetensors) recreate the file with their own mode
+            os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def temp_dir_in(parent: str | os.PathLike, prefix: str) -> Path:
+    """A fresh hidden directory in `parent`, to be renamed onto the finished artifact once complete.
+
+    mkdtemp makes it 0700; the artifact should get the usual permissions (umask applied).
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
