@@ -282,13 +282,18 @@ def test_two_processes_reproduce_the_one_process_run(runs):
     assert metrics[1]["loss"] == pytest.approx(loss_one[1], rel=1e-4)
 
 
+def _one_and_two_processes(tmp_path_factory, model_dir, folder: str, mode: str) -> Path:
+    """Run a worker mode on 1 process (ROOT/one) and on 2 processes (ROOT/two)."""
+    root = tmp_path_factory.mktemp(folder)
+    for n, name in ((1, "one"), (2, "two")):
+        _launch(n, "--model", str(model_dir), "--out", str(root / name), mode)
+    return root
+
+
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory, model_dir):
     """Stage 1 (direction) and sharded evaluation generation on 1 and on 2 processes."""
-    root = tmp_path_factory.mktemp("stages")
-    for n, name in ((1, "one"), (2, "two")):
-        _launch(n, "--model", str(model_dir), "--out", str(root / name), "--stages")
-    return root
+    return _one_and_two_processes(tmp_path_factory, model_dir, "stages", "--stages")
 
 
 def test_direction_activation_means_are_summed_over_processes(stage_runs):
@@ -316,10 +321,7 @@ def test_evaluation_generation_is_sharded_and_gathered(stage_runs):
 @pytest.fixture(scope="module")
 def token_runs(tmp_path_factory, model_dir):
     """Stage 2 (safety tokens) on 1 and on 2 processes, then again to reuse the artifact."""
-    root = tmp_path_factory.mktemp("tokens")
-    for n, name in ((1, "one"), (2, "two")):
-        _launch(n, "--model", str(model_dir), "--out", str(root / name), "--tokens")
-    return root
+    return _one_and_two_processes(tmp_path_factory, model_dir, "tokens", "--tokens")
 
 
 def _token_records(out: Path) -> list[dict]:
