@@ -55,8 +55,7 @@ from torch import nn
 from .anatomy import decoder_layers, format_prompts, post_instruction_length, unwrap_model
 from .distributed import all_reduce_sum, gather_objects, shard, world_size
 from .errors import SafesteerError
-from .steering import (_ATTN_NAMES, _MLP_NAMES, _hidden_of, _named_child, _residual_norms, _with_hidden, ablate_direction,
-                       add_direction)
+from .steering import _hidden_of, ablate_direction, ablate_directions_per_copy, add_direction
 from .utils import atomic_path, read_json, sha256_texts, write_json_atomic
 
 DIRECTION_FILE = "direction.safetensors"
@@ -605,46 +604,6 @@ class Selection:
         return next(c for c in self.candidates if c.chosen)
 
 
-@contextmanager
-def _ablate_per_copy(model: nn.Module, units: torch.Tensor) -> Iterator[None]:
-    """`steering.ablate_direction` with unit direction `units[k]` for copy k of a copy-major batch.
-
-    Same hook points (every layer input, attention and MLP output, residual-side output norms);
-    a forward of batch B with g = len(units) copies has B // g rows per copy.
-    """
-    g = units.shape[0]
-
-    def project(hidden: torch.Tensor) -> torch.Tensor:
-        u = units if hidden.shape[0] == g else units.repeat_interleave(hidden.shape[0] // g, 0)
-        u = u.to(device=hidden.device, dtype=hidden.dtype).reshape(hidden.shape[0], *([1] * (hidden.dim() - 2)), -1)
-        return hidden - (hidden * u).sum(-1, keepdim=True) * u
-
-    def pre_hook(_module, args, kwargs):
-        hidden, positional = _hidden_of(args, kwargs)
-        return _with_hidden(args, kwargs, project(hidden), positional)
-
-    def out_hook(_module, _args, output):
-        if isinstance(output, torch.Tensor):
-            return project(output)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (project(output[0]),) + tuple(output[1:])
-        return output
-
-    handles = []
-    try:
-        for block in decoder_layers(model):
-            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            modules = [_named_child(block, _ATTN_NAMES), _named_child(block, _MLP_NAMES), *_residual_norms(block)]
-            if any(m is None for m in modules):
-                raise SafesteerError(f"cannot find the attention and MLP modules of {type(block).__name__}; "
-                                     f"direction ablation is not supported here")
-            handles.extend(m.register_forward_hook(out_hook) for m in modules)
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _kl_rows(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(base || steered) per row in float64 (identical logits give exactly 0)."""
     lp = logits.double().log_softmax(-1)
@@ -673,7 +632,7 @@ def _select(model: nn.Module, candidates: torch.Tensor, harmful_val: _Encoded, h
         units = torch.stack([vec(c) / vec(c).norm() for c in cs]).float()
         chunks = _last_logits(model, harmful_val, n_harmful,
                               lambda lg, rows: (rows, refusal_scores_from_logits(lg, refusal_ids).view(len(cs), -1).cpu()),
-                              context=lambda: _ablate_per_copy(model, units), copies=len(cs))
+                              context=lambda: ablate_directions_per_copy(model, units), copies=len(cs))
         return (sum(values.sum(1) for _, values in chunks) / n_harmful).tolist()
 
     def kl(c):

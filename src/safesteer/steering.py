@@ -118,27 +118,24 @@ def _residual_norms(block: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
-    """Remove the unit direction from every layer input and every attention and MLP output.
+def _projection_hooks(model: nn.Module, project) -> Iterator[None]:
+    """Apply `project(hidden)` to every layer input and every attention and MLP output.
 
     Where a block normalises those outputs before adding them to the residual stream (Gemma-2/3,
     OLMo-2), the norms' outputs are projected as well, so no block writes r into the stream.
     """
-    _check_direction(model, direction)
-    unit = direction.float() / direction.float().norm()
-    handles = []
-
     def pre_hook(_module, args, kwargs):
         hidden, positional = _hidden_of(args, kwargs)
-        return _with_hidden(args, kwargs, project_out(hidden, unit), positional)
+        return _with_hidden(args, kwargs, project(hidden), positional)
 
     def out_hook(_module, _args, output):
         if isinstance(output, torch.Tensor):
-            return project_out(output, unit)
+            return project(output)
         if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (project_out(output[0], unit),) + tuple(output[1:])
+            return (project(output[0]),) + tuple(output[1:])
         return output
 
+    handles = []
     try:
         for block in decoder_layers(model):
             handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -158,6 +155,29 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None
     finally:
         for h in handles:
             h.remove()
+
+
+def ablate_direction(model: nn.Module, direction: torch.Tensor):
+    """Context manager: remove the unit direction from every layer input and every attention and MLP output."""
+    _check_direction(model, direction)
+    unit = direction.float() / direction.float().norm()
+    return _projection_hooks(model, lambda hidden: project_out(hidden, unit))
+
+
+def ablate_directions_per_copy(model: nn.Module, units: torch.Tensor):
+    """Context manager: `ablate_direction` with unit direction `units[k]` for copy k of a copy-major batch.
+
+    A forward of batch B with g = len(units) copies has B // g rows per copy (the scoring of several
+    candidate directions in one forward).
+    """
+    g = units.shape[0]
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        u = units if hidden.shape[0] == g else units.repeat_interleave(hidden.shape[0] // g, 0)
+        u = u.to(device=hidden.device, dtype=hidden.dtype).reshape(hidden.shape[0], *([1] * (hidden.dim() - 2)), -1)
+        return hidden - (hidden * u).sum(-1, keepdim=True) * u
+
+    return _projection_hooks(model, project)
 
 
 # ----------------------------------------------------------------------------- starting a forward at a layer
