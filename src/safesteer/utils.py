@@ -23,14 +23,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; artifacts should get the usual permissions (umask applied).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
-        if tmp_path.exists():  # some writers (safetensors) recreate the file with their own mode
-            os.chmod(tmp_path, 0o666 & ~umask)
+        # mkstemp makes 0600 files and some writers (safetensors) recreate the file with their own mode;
+        # the finished artifact gets the usual permissions.
+        os.chmod(tmp_path, _with_umask(0o666))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -43,10 +40,15 @@ def temp_dir_in(parent: str | os.PathLike, prefix: str) -> Path:
     mkdtemp makes it 0700; the artifact should get the usual permissions (umask applied).
     """
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, _with_umask(0o777))
+    return tmp
+
+
+def _with_umask(mode: int) -> int:
+    """`mode` as a newly created file would get it: the process umask applied (reading it means setting it)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
+    return mode & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
