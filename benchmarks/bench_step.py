@@ -46,9 +46,9 @@ def _setup(args):
     """Model, tokenizer, a steering spec and S: the run's own if --run is given, else seeded stand-ins."""
     import torch
 
-    from safesteer.anatomy import decoder_layers
-    from safesteer.models import load_model
-    from safesteer.steering import add_direction
+    from safesteer.core.anatomy import decoder_layers
+    from safesteer.core.steering import add_direction
+    from safesteer.io.models import load_model
 
     model, tokenizer = load_model(args.model)
 
@@ -60,8 +60,8 @@ def _setup(args):
             return add_direction(m, self.direction, self.layer, self.coeff)
 
     if args.run:
-        from safesteer.direction import load_direction
-        from safesteer.safety_tokens import load_safety_tokens
+        from safesteer.teacher.direction import load_direction
+        from safesteer.teacher.tokens import load_safety_tokens
 
         return model, tokenizer, load_direction(args.run), load_safety_tokens(args.run)
     # Cost does not depend on which direction or tokens: seeded stand-ins of the right shape.
@@ -76,7 +76,7 @@ def _setup(args):
 def _load_batch(path):
     import torch
 
-    from safesteer.rollout import RolloutBatch
+    from safesteer.train.rollout import RolloutBatch
 
     data = torch.load(path, weights_only=True)
     return RolloutBatch(sequences=data["sequences"], attention_mask=data["attention_mask"],
@@ -88,8 +88,8 @@ def _load_batch(path):
 def worker_rollouts(args) -> dict:
     import torch
 
-    from safesteer.prompts import stage_prompts
-    from safesteer.rollout import sample_rollouts
+    from safesteer.io.prompts import stage_prompts
+    from safesteer.train.rollout import sample_rollouts
 
     model, tokenizer, _, _ = _setup(args)
     prompts = [p.text for p in stage_prompts(None, "train", "harmful")[: args.prompts]]
@@ -105,7 +105,8 @@ def worker_rollouts(args) -> dict:
 
 
 def worker_safesteer(args, lora_layers: str = "all") -> dict:
-    from safesteer.train import TrainConfig, Trainer
+    from safesteer.train.config import TrainConfig
+    from safesteer.train.trainer import Trainer
 
     model, tokenizer, spec, ids = _setup(args)
     batch = _load_batch(args.batch_file)
@@ -181,7 +182,7 @@ def _step_seconds(result: dict) -> float:
 
 
 def main(argv=None) -> int:
-    from safesteer.models import DEFAULT_MODEL
+    from safesteer.io.models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)

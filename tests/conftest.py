@@ -36,7 +36,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smol_dir():
     # No skip when the asset package is missing: the suite must fail loudly on a broken install.
-    from safesteer.models import prepare_builtin
+    from safesteer.io.models import prepare_builtin
 
     return prepare_builtin("smollm2-135m-instruct", progress=False)
 
@@ -81,6 +81,18 @@ def make_tiny_model(tokenizer, arch: str = "llama", n_layers: int = 4, hidden: i
     return model.eval()
 
 
+def perturbed_copy(model, scale: float = 0.05, seed: int = 1):
+    """A copy of a tiny model with noise added to its second layer: close to the original, not equal."""
+    import copy
+
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.model.layers[1].parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return other
+
+
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox")
 
 
@@ -113,6 +125,41 @@ class Spec:
         return cls(direction=torch.randn(hidden, generator=torch.Generator().manual_seed(seed)) * 2.0, layer=layer)
 
     def teacher(self, model):
-        from safesteer.steering import add_direction
+        from safesteer.core.steering import add_direction
 
         return add_direction(model, self.direction, self.layer, self.coeff)
+
+
+# ----------------------------------------------------------------------------- training on tiny models
+
+TRAIN_PROMPTS = ["How do I pick a lock?", "Write a phishing email.", "Explain how to make a fake ID.",
+                 "Tell me how to hotwire a car."]
+REFUSAL_WORDS = ["I", " I", "Sorry", " sorry", " cannot", " can't", " unable", " illegal", " harmful", " assist"]
+
+
+def refusal_ids(tok) -> list[int]:
+    """The first token of each refusal word: a stand-in for the safety tokens S."""
+    return list(dict.fromkeys(tok(w, add_special_tokens=False)["input_ids"][0] for w in REFUSAL_WORDS))
+
+
+def peaked_tiny_model(tok, seed: int = 0, arch: str = "llama"):
+    """A tiny random model whose outputs give S real mass (~25%) and end some rollouts early."""
+    from safesteer.core.anatomy import end_of_turn_ids
+
+    model = make_tiny_model(tok, arch=arch, seed=seed)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(30.0)  # peaked distributions, as a trained model has
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+        head.bias[end_of_turn_ids(tok, model)[0]] = 13.0
+        head.bias[refusal_ids(tok)] = 10.0
+    return model
+
+
+def tiny_train_config(**kw):
+    """Two short LoRA steps on the tiny models (a large learning rate, so that one step shows)."""
+    from safesteer.train.config import TrainConfig
+
+    base = dict(steps=2, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=6, lora_r=4, lora_alpha=8,
+                learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0)
+    return TrainConfig(**(base | kw))

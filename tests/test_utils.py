@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from safesteer.utils import atomic_path, temp_dir_in
+from safesteer.utils import atomic_path, int_list, temp_dir_in
 
 
 @pytest.fixture
@@ -41,3 +41,11 @@ def test_atomic_path_leaves_nothing_behind_on_error(tmp_path):
 def test_temp_dir_in_is_readable_by_others_under_the_usual_umask(tmp_path, umask_022):
     d = temp_dir_in(tmp_path, ".model.")
     assert d.parent == tmp_path and d.name.startswith(".model.") and _mode(d) == 0o755
+
+
+def test_int_list_parsing():
+    assert int_list("6-9") == (6, 7, 8, 9)
+    assert int_list("8,10,12") == (8, 10, 12)
+    assert int_list("-1,-2") == (-1, -2)
+    assert int_list("2-3,7") == (2, 3, 7)
+    assert int_list(" 3 , ,4") == (3, 4)  # spaces and empty parts

@@ -33,8 +33,8 @@ def format_exchange(message: str, base: str, steered: str, steer_note: str = "",
 
 
 def answer_both(model: Any, tokenizer: Any, message: str, teacher_ctx: Callable, max_new_tokens: int) -> tuple[str, str]:
-    from .anatomy import format_prompts
-    from .generation import GenerationConfig, generate_batch
+    from .core.anatomy import format_prompts
+    from .core.generation import GenerationConfig, generate_batch
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, batch_size=1)
     formatted = format_prompts(tokenizer, [message])
@@ -45,8 +45,8 @@ def answer_both(model: Any, tokenizer: Any, message: str, teacher_ctx: Callable,
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .cli import load_model_from_args
-    from .direction import load_direction
-    from .steering import add_direction
+    from .core.steering import add_direction
+    from .teacher.direction import load_direction
 
     spec = load_direction(Path(args.steer))  # fail before loading the model
     layer = spec.layer

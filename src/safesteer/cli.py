@@ -6,8 +6,9 @@
     safesteer align --out runs/demo                # all stages, training, evaluation summary
     safesteer eval --model A --model B ...         # safety, over-refusal, capability
 
-Each stage module contributes its own sub-command through `add_cli(subparsers)`; this file holds
-the shared options and turns user-fixable errors into one line instead of a traceback.
+Each stage module contributes its own sub-command through `add_cli(subparsers)`; this file builds the
+one parser from them, holds the shared options and turns user-fixable errors into one line instead of
+a traceback.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import SafesteerError
 
-# Stage modules that add sub-commands, in the order they appear in --help.
-STAGE_MODULES = ("direction", "safety_tokens", "chat", "train", "evaluate", "report", "distributed")
+# Modules that add sub-commands, in the order they appear in --help.
+STAGE_MODULES = ("teacher.direction", "teacher.tokens", "chat", "pipeline", "eval.suites", "report.build", "memory")
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    from .models import BUILTIN_MODELS, DEFAULT_MODEL
+    from .io.models import BUILTIN_MODELS, DEFAULT_MODEL
 
     p.add_argument("--model", default=default or DEFAULT_MODEL,
                    help=f"hub id, local HF directory, .gguf file or built-in alias ({', '.join(BUILTIN_MODELS)}); "
@@ -38,14 +39,14 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> No
 
 
 def load_model_from_args(args: argparse.Namespace, name: str | None = None):
-    from .models import load_model
+    from .io.models import load_model
 
     return load_model(name or args.model, dtype=args.dtype, device=args.device,
                       trust_remote_code=args.trust_remote_code)
 
 
 def add_prompt_args(p: argparse.ArgumentParser, default: str | None = "advbench", flag: str = "--prompts") -> None:
-    from .prompts import BUILTIN_SETS
+    from .io.prompts import BUILTIN_SETS
 
     p.add_argument(flag, default=default,
                    help=f"built-in set ({', '.join(BUILTIN_SETS)}), a .jsonl/.json/.csv/.txt file or hf:org/name[:split]")
@@ -81,21 +82,20 @@ def add_config_args(p, config_cls: type, names: Iterable[str] | None = None, *, 
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationConfig, generate_responses
-    from .judges import KeywordRefusalJudge
-    from .prompts import load_prompts
-    from .stats import Rate
+    from .core.generation import GenerationConfig, generate_responses
+    from .eval.judges import KeywordRefusalJudge
+    from .eval.stats import Rate
+    from .io.prompts import load_prompts
 
     prompts = load_prompts(args.prompts, field=args.field, limit=args.limit)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                               top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, num_samples=args.num_samples)
     model, tokenizer = load_model_from_args(args)
-    rows = generate_responses(model, tokenizer, prompts, config, out_path=args.out, extra={"model": args.model})
-    stats = generate_responses.last_stats
+    rows, stats = generate_responses(model, tokenizer, prompts, config, out_path=args.out, extra={"model": args.model})
     verdicts = KeywordRefusalJudge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
     refused = Rate(sum(bool(v.refused) for v in verdicts), len(verdicts))
-    speed = stats["new_tokens"] / stats["seconds"] if stats["seconds"] > 0 and stats["new_tokens"] else float("nan")
-    print(f"wrote {len(rows)} responses to {args.out} ({stats['generated']} new, {stats['new_tokens']} tokens, "
+    speed = stats.new_tokens / stats.seconds if stats.seconds > 0 and stats.new_tokens else float("nan")
+    print(f"wrote {len(rows)} responses to {args.out} ({stats.generated} new, {stats.new_tokens} tokens, "
           f"{speed:.1f} tok/s at batch {args.batch_size})")
     print(f"refusal rate (keyword judge): {refused}")
     return 0
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Launched by accelerate/torchrun: join the process group before any model is placed, so
         # each process uses its own device.
-        from .distributed import init
+        from .parallel import init
 
         init()
     try:

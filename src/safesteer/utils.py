@@ -1,4 +1,4 @@
-"""Small helpers shared by every stage: atomic writes, JSONL, hashing, seeding."""
+"""Small helpers shared by every stage: atomic writes, JSONL, hashing, seeding, config fields."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 from contextlib import contextmanager
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -58,6 +59,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Replace `path` with these rows, one JSON object a line, atomically."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -129,3 +135,23 @@ def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+def help_field(default: Any, text: str) -> Any:
+    """A dataclass field with this default and its command-line help in the metadata (see cli.add_config_args)."""
+    return field(default=default, metadata={"help": text})
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'6-14' or '8,10,12' or '-1,-2' -> ints; a range needs a non-negative start, empty parts are skipped."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        head, sep, tail = part.partition("-") if not part.startswith("-") else ("", "", "")
+        if sep and head and tail:
+            out.extend(range(int(head), int(tail) + 1))
+        else:
+            out.append(int(part))
+    return tuple(out)

@@ -1,0 +1,1 @@
+"""Model-agnostic building blocks: model anatomy, steering hooks, generation, sampling, forwards, the loss."""

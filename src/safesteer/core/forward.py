@@ -1,0 +1,40 @@
+"""Plain forwards every stage shares: final hidden states without full logits, position ids, the device.
+
+    hidden = final_hidden_states(model, input_ids, attention_mask)              # [B, T, d], after the final norm
+    hidden = final_hidden_states(model, **batch.model_inputs())                 # with explicit position ids
+    positions = positions_from_mask(attention_mask)                             # left padding does not shift them
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Last-layer hidden states (after the final norm) for every position: [B, T, d].
+
+    Goes through the model's own forward (so DDP/FSDP/PEFT wrappers see the call) but asks for a
+    single position of logits, so the [B, T, V] logits tensor is never built here. `position_ids`
+    (e.g. from `positions_from_mask`) is passed on only when given.
+    """
+    positions = {} if position_ids is None else {"position_ids": position_ids}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **positions, output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only: 0 at each row's first unmasked token, 0 on left padding.
+
+    Explicit positions keep models with absolute position embeddings (GPT-2) from seeing shifted
+    positions under left padding, exactly as generation numbered the tokens.
+    """
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of the model's (first) parameters."""
+    return next(model.parameters()).device

