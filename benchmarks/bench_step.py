@@ -1,22 +1,26 @@
-"""One training step of safesteer against the reference design, on the same model and the same batch.
+"""One whole training step (rollouts + update) of safesteer, before and after issue #11, and of the reference design.
 
-    python benchmarks/bench_step.py                                   # the built-in default model
+    python benchmarks/bench_step.py                                   # the built-in default model, ~4 min idle
     python benchmarks/bench_step.py --model smollm2-135m-instruct --prompts 4 --rollouts 8 --json out.json
 
-safesteer  LoRA student; the teacher is the same weights with the adapter off plus the steering hook;
-           the loss reads the S slice of the log-probabilities chunk by chunk (Trainer.update: the
-           code `safesteer align` runs).
-safesteer, from_steering
-           the same with lora_layers=from_steering: the adapter only on the steering layer and above,
-           so teacher and student share one no-grad pass through the layers below it.
+new        the code `safesteer align` runs with the cpu preset: LoRA student on the steering layer and above
+           (teacher = adapter off + steering hook, one shared no-grad pass below that layer), rollouts from a
+           persistent bf16 copy of the student (generation_dtype auto, on a CPU with avx512_bf16/AMX) with the
+           per-row inverse-CDF sampler, and a loss that skips activation checkpointing for a lone chunk
+           (Trainer.train_step).
+old        the same design as it was before issue #11: rollouts from the float32 student with the float64
+           Gumbel forward-hook sampler (reproduced in bench_generate.py), the lone loss chunk checkpointed.
+new, all layers (--all-layers)
+           new with the adapter on every layer (no shared lower pass).
 reference  the released code's design: full fine-tune of the student, a second fp32 copy of the model
-           as the teacher, and a full-vocabulary log_softmax materialised for both models before the
-           S columns are gathered.
+           as the teacher, a full-vocabulary log_softmax materialised for both models before the S
+           columns are gathered; rollouts sampled from the float32 student with transformers' own sampler.
 
-Each design runs in its own subprocess, so its peak RSS (getrusage ru_maxrss) is its own. The rollouts
-are sampled once, in another subprocess, and every design scores exactly that batch; sampling costs the
-same in all designs, so it is timed once and reported on its own. On step 1 every student still equals
-the base model, so all losses must agree: a check that the designs compute the same thing.
+Each design runs in its own subprocess, so its peak RSS (getrusage ru_maxrss) is its own and includes
+sampling (and the bf16 copy). Every design first scores one shared batch (sampled once, in another
+subprocess) with an update: on that step every student still equals the base model, so all step-1
+losses must agree, a check that the designs compute the same thing. Then each runs --steps whole
+steps (its own rollouts for the same prompts, then the update), timed; the last is reported.
 """
 
 from __future__ import annotations
@@ -104,22 +108,56 @@ def worker_rollouts(args) -> dict:
             "completion_len": batch.completion_mask.shape[1], "valid_tokens": int(batch.completion_mask.sum())}
 
 
-def worker_safesteer(args, lora_layers: str = "all") -> dict:
+def _prompts(args) -> list[str]:
+    from safesteer.io.prompts import stage_prompts
+
+    return [p.text for p in stage_prompts(None, "train", "harmful")[: args.prompts]]
+
+
+def _trainer_worker(args, lora_layers: str, old: bool) -> dict:
+    import safesteer.core.loss as loss_module
+    import safesteer.train.trainer as trainer_module
     from safesteer.train.config import TrainConfig
     from safesteer.train.trainer import Trainer
 
     model, tokenizer, spec, ids = _setup(args)
     batch = _load_batch(args.batch_file)
-    config = TrainConfig(steps=args.steps, learning_rate=1e-4, checkpoint_every=10**6, lora_layers=lora_layers)
+    config = TrainConfig(steps=args.steps + 1, learning_rate=1e-4, checkpoint_every=10**6, lora_layers=lora_layers,
+                         prompts_per_step=args.prompts, rollouts_per_prompt=args.rollouts,
+                         max_new_tokens=args.max_new_tokens,
+                         generation_dtype="float32" if old else "auto")
+    if old:  # the code path before issue #11
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_generate import _old_seeded_sampling
+
+        loss_module.CHECKPOINT_SINGLE_CHUNK = True
+        trainer_module.seeded_sampling = _old_seeded_sampling
+    prompts = _prompts(args)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, tokenizer, spec, ids, ["unused"], config, out, progress=False)
+        trainer = Trainer(model, tokenizer, spec, ids, prompts, config, out, progress=False)
         setup_rss, setup_peak = _current_rss_gib(), _peak_rss_gib()
-        rows = []
-        for _ in range(args.steps):
+        t0 = time.perf_counter()
+        first = trainer.update(batch)  # the shared batch: step-1 loss check
+        rows = [{"seconds": time.perf_counter() - t0, "loss": first["loss"], "update_only": True}]
+        for step in range(args.steps):
             t0 = time.perf_counter()
-            row = trainer.update(batch)
-            rows.append({"seconds": time.perf_counter() - t0, "loss": row["loss"]})
+            row = trainer.train_step(prompts, positions=range(len(prompts)))
+            rows.append({"seconds": time.perf_counter() - t0, "loss": row["loss"], "rollout_s": row["time_rollout_s"],
+                         "update_s": row["time_teacher_s"] + row["time_student_s"],
+                         "rollout_dtype": row.get("rollout_dtype"), "tokens": row["completion_tokens"]})
     return {"steps": rows, "setup_rss_gib": setup_rss, "setup_peak_rss_gib": setup_peak, "peak_rss_gib": _peak_rss_gib()}
+
+
+def worker_new(args) -> dict:
+    return _trainer_worker(args, "from_steering", old=False)
+
+
+def worker_old(args) -> dict:
+    return _trainer_worker(args, "from_steering", old=True)
+
+
+def worker_new_all_layers(args) -> dict:
+    return _trainer_worker(args, "all", old=False)
 
 
 def worker_reference(args) -> dict:
@@ -127,19 +165,21 @@ def worker_reference(args) -> dict:
 
     import torch
 
+    from safesteer.train.rollout import sample_rollouts
+
     model, tokenizer, spec, ids = _setup(args)
     batch = _load_batch(args.batch_file)
     student = model.requires_grad_(True)
     teacher = copy.deepcopy(model).requires_grad_(False).eval()  # the second full fp32 copy
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
     s_ids = torch.tensor(ids)
-    inputs = batch.model_inputs()
-    mask = batch.completion_mask.float()
-    keep = mask.shape[1]  # logits only for the completion positions, as the released code asks for
+    prompts = _prompts(args)
     setup_rss, setup_peak = _current_rss_gib(), _peak_rss_gib()
-    rows = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
+
+    def update(batch):
+        inputs = batch.model_inputs()
+        mask = batch.completion_mask.float()
+        keep = mask.shape[1]  # logits only for the completion positions, as the released code asks for
         with torch.no_grad(), spec.teacher(teacher):
             lt = torch.log_softmax(teacher(**inputs, logits_to_keep=keep).logits.float(), dim=-1)[..., s_ids]
         student.train()
@@ -151,17 +191,24 @@ def worker_reference(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         student.eval()
-        rows.append({"seconds": time.perf_counter() - t0, "loss": float(loss.detach())})
-        del lt, ls, per_token, loss
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    rows = [{"seconds": None, "loss": update(batch), "update_only": True}]
+    rows[0]["seconds"] = time.perf_counter() - t0
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        rollouts = sample_rollouts(student, tokenizer, prompts, args.rollouts, args.max_new_tokens)
+        t1 = time.perf_counter()
+        loss = update(rollouts)
+        rows.append({"seconds": time.perf_counter() - t0, "loss": loss, "rollout_s": t1 - t0,
+                     "update_s": time.perf_counter() - t1, "rollout_dtype": "float32",
+                     "tokens": float(rollouts.completion_mask.sum(1).float().mean())})
     return {"steps": rows, "setup_rss_gib": setup_rss, "setup_peak_rss_gib": setup_peak, "peak_rss_gib": _peak_rss_gib()}
 
 
-def worker_safesteer_from_steering(args) -> dict:
-    return worker_safesteer(args, lora_layers="from_steering")
-
-
-WORKERS = {"rollouts": worker_rollouts, "safesteer": worker_safesteer,
-           "safesteer_from_steering": worker_safesteer_from_steering, "reference": worker_reference}
+WORKERS = {"rollouts": worker_rollouts, "new": worker_new, "old": worker_old, "new_all_layers": worker_new_all_layers,
+           "reference": worker_reference}
 
 
 def _spawn(args, worker: str) -> dict:
@@ -177,19 +224,22 @@ def _spawn(args, worker: str) -> dict:
 
 
 def _step_seconds(result: dict) -> float:
-    """The last step's time: the first one also pays for one-off allocations."""
+    """The last whole step's time (rollouts + update): the first ones also pay for one-off allocations."""
     return result["steps"][-1]["seconds"]
 
 
 def main(argv=None) -> int:
+    import os
+
     from safesteer.io.models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--prompts", type=int, default=2, help="prompts in the batch")
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--rollouts", type=int, default=4, help="rollouts per prompt")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--steps", type=int, default=2, help="steps per design; the last one is reported")
+    p.add_argument("--steps", type=int, default=2, help="whole steps per design after the shared one; the last is reported")
+    p.add_argument("--all-layers", action="store_true", help="also run new with the adapter on every layer")
     p.add_argument("--run", default=None, help="take the direction and S from this run directory")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", choices=tuple(WORKERS), default=None, help=argparse.SUPPRESS)
@@ -200,38 +250,35 @@ def main(argv=None) -> int:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
 
+    load_start = os.getloadavg()[0]
+    designs = ["new", "old", *(["new_all_layers"] if args.all_layers else []), "reference"]
     with tempfile.TemporaryDirectory() as tmp:
         args.batch_file = str(Path(tmp) / "batch.pt")
         rollouts = _spawn(args, "rollouts")
-        ours = _spawn(args, "safesteer")
-        shared = _spawn(args, "safesteer_from_steering")
-        ref = _spawn(args, "reference")
+        results = {name: _spawn(args, name) for name in designs}
 
-    t_ours, t_shared, t_ref = _step_seconds(ours), _step_seconds(shared), _step_seconds(ref)
-    result = {
-        "model": args.model, "batch": rollouts,
-        "safesteer": ours, "safesteer_from_steering": shared, "reference": ref,
-        "speedup": t_ref / t_ours,
-        "memory_ratio": ours["peak_rss_gib"] / ref["peak_rss_gib"],
-        "speedup_from_steering": t_ref / t_shared,
-        "memory_ratio_from_steering": shared["peak_rss_gib"] / ref["peak_rss_gib"],
-        "from_steering_vs_safesteer": t_ours / t_shared,
-        "step1_loss_safesteer": ours["steps"][0]["loss"], "step1_loss_reference": ref["steps"][0]["loss"],
-        "step1_loss_safesteer_from_steering": shared["steps"][0]["loss"],
-    }
-    print(f"model {args.model}; batch {rollouts['sequences']} sequences, prompt {rollouts['prompt_len']} + "
-          f"completion {rollouts['completion_len']} tokens ({rollouts['valid_tokens']} valid); "
-          f"sampling them took {rollouts['seconds']:.1f} s (same for all designs, not included below)")
-    print(f"{'':<25}{'step (s)':>10}{'peak RSS (GiB)':>16}{'RSS after setup':>17}{'peak in setup':>15}"
+    t = {name: _step_seconds(r) for name, r in results.items()}
+    ref = results["reference"]
+    result = {"model": args.model, "batch": rollouts, **results,
+              "speedup_new_vs_reference": t["reference"] / t["new"],
+              "memory_new_vs_reference": results["new"]["peak_rss_gib"] / ref["peak_rss_gib"],
+              "speedup_new_vs_old": t["old"] / t["new"],
+              "memory_new_vs_old": results["new"]["peak_rss_gib"] / results["old"]["peak_rss_gib"],
+              "step1_losses": {name: r["steps"][0]["loss"] for name, r in results.items()},
+              "load_avg": [load_start, os.getloadavg()[0]]}
+    print(f"model {args.model}; {rollouts['sequences']} rollouts per step (prompt {rollouts['prompt_len']} + up to "
+          f"{rollouts['completion_len']} tokens). Whole step = rollouts + teacher + student + optimizer update.")
+    print(f"{'':<18}{'step (s)':>10}{'rollouts (s)':>14}{'update (s)':>12}{'rollout dtype':>15}{'peak RSS (GiB)':>16}"
           f"{'step-1 loss':>14}")
-    for name, r in (("safesteer", ours), ("safesteer, from_steering", shared), ("reference", ref)):
-        print(f"{name:<25}{_step_seconds(r):>10.2f}{r['peak_rss_gib']:>16.2f}{r['setup_rss_gib']:>17.2f}"
-              f"{r['setup_peak_rss_gib']:>15.2f}{r['steps'][0]['loss']:>14.4e}")
-    print(f"safesteer vs reference: {result['speedup']:.2f}x faster per step, "
-          f"{result['memory_ratio']:.2f}x the peak memory")
-    print(f"safesteer, from_steering vs reference: {result['speedup_from_steering']:.2f}x faster per step, "
-          f"{result['memory_ratio_from_steering']:.2f}x the peak memory "
-          f"({result['from_steering_vs_safesteer']:.2f}x faster than safesteer with the adapter on every layer)")
+    for name, r in results.items():
+        last = r["steps"][-1]
+        print(f"{name:<18}{last['seconds']:>10.2f}{last['rollout_s']:>14.2f}{last['update_s']:>12.2f}"
+              f"{last['rollout_dtype']:>15}{r['peak_rss_gib']:>16.2f}{r['steps'][0]['loss']:>14.4e}")
+    print(f"new vs reference: {result['speedup_new_vs_reference']:.2f}x faster per whole step, "
+          f"{result['memory_new_vs_reference']:.2f}x the peak memory")
+    print(f"new vs old: {result['speedup_new_vs_old']:.2f}x faster per whole step, "
+          f"{result['memory_new_vs_old']:.2f}x the peak memory")
+    print(f"load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end (above ~0.5 the machine was shared)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

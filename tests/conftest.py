@@ -23,6 +23,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _private_answer_cache(tmp_path_factory, monkeypatch):
+    """Evaluation shares the base model's answers across output folders under $SAFESTEER_CACHE/answers;
+    tests get a fresh, private one each, so they neither reuse each other's answers nor fill the user's."""
+    monkeypatch.setenv("SAFESTEER_ANSWER_CACHE", str(tmp_path_factory.mktemp("answers")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
@@ -160,6 +167,8 @@ def tiny_train_config(**kw):
     """Two short LoRA steps on the tiny models (a large learning rate, so that one step shows)."""
     from safesteer.train.config import TrainConfig
 
+    # Rollouts in float32 on every machine (generation_dtype "auto" depends on the CPU's bf16 support);
+    # tests/train/test_rollout.py covers the bf16 sampling copy.
     base = dict(steps=2, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=6, lora_r=4, lora_alpha=8,
-                learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0)
+                learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0, generation_dtype="float32")
     return TrainConfig(**(base | kw))

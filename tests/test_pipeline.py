@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import Spec, refusal_ids
+from safesteer.cli import parse_assignments
 from safesteer.errors import SafesteerError
-from safesteer.pipeline import _parse_assignments
 from safesteer.train.config import PRESETS
 
 
@@ -30,10 +30,10 @@ def test_key_value_overrides_are_typed():
         flag: bool = False
         layers: tuple[int, ...] | None = None
 
-    got = _parse_assignments(["horizon=3", "floor=1e-6", "rank-by=weighted", "flag=true", "layers=8,10"], Cfg, "--x")
+    got = parse_assignments(["horizon=3", "floor=1e-6", "rank-by=weighted", "flag=true", "layers=8,10"], Cfg, "--x")
     assert got == {"horizon": 3, "floor": 1e-6, "rank_by": "weighted", "flag": True, "layers": (8, 10)}
     with pytest.raises(SafesteerError, match="KEY=VALUE"):
-        _parse_assignments(["nope=1"], Cfg, "--x")
+        parse_assignments(["nope=1"], Cfg, "--x")
 
 
 def test_align_command_trains_saves_and_reuses_the_run_directory(tmp_path, tiny_model_dir, smol_tokenizer, spec,
@@ -71,9 +71,43 @@ def test_align_command_trains_saves_and_reuses_the_run_directory(tmp_path, tiny_
     timings = json.loads((out / "timings.json").read_text())
     assert {"load_model", "direction", "tokens", "training"} <= set(timings["stages"])
     assert timings["stages"]["training"]["reused"] is False
+    # The run's documents: the report (no summary with --skip-eval, so no representation shift) and the model card.
+    report = (out / "report.html").read_text()
+    assert 'id="representation"' in report and "not available: representation.json missing" in report
+    card = (out / "model" / "README.md").read_text()
+    assert card.startswith("---\n") and "Not evaluated yet" in card and "Loss `localized_bucket`" in card
 
     assert cli.main(argv) == 0  # a rerun finds the trained model and does not train again
     timings = json.loads((out / "timings.json").read_text())
     assert timings["stages"]["training"]["reused"] is True and len(timings["previous_runs"]) == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
+
+
+def test_the_summary_records_the_representation_shift_the_report_draws(tmp_path, tiny_model, smol_tokenizer, spec):
+    """While base and aligned model are loaded, align writes representation.json: base, steered teacher, aligned."""
+    from argparse import Namespace
+
+    from conftest import perturbed_copy
+    from safesteer import pipeline
+    from safesteer.eval.suites import ModelEntry
+    from safesteer.report.build import build_report
+
+    out = tmp_path / "run"
+    write_spec(spec, out)
+    base = ModelEntry("base", tiny_model, smol_tokenizer)
+    aligned = ModelEntry("aligned", perturbed_copy(tiny_model), smol_tokenizer)
+    result = pipeline.record_representation(Namespace(direction=None, split_seed=0), out, base, aligned)
+    data = json.loads((out / "representation.json").read_text())
+    assert set(data["coords"]) == {"base", "teacher", "aligned"} and data["prompts"]["n"] == pipeline.REPRESENTATION_PROMPTS
+    assert result["shift"]["teacher"]["mean_l2"] > 0 and result["shift"]["aligned"]["mean_l2"] > 0
+    report = build_report(out)
+    assert "PCA scatter" in report and "not available: representation.json" not in report
+
+
+def write_spec(spec, out):
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"direction": spec.direction.float().contiguous()}, str(out / "direction.safetensors"))
+    (out / "direction.json").write_text(json.dumps({"layer": spec.layer, "coeff": spec.coeff}))

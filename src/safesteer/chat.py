@@ -44,6 +44,11 @@ def answer_both(model: Any, tokenizer: Any, message: str, teacher_ctx: Callable,
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    """compare the base model and the steered teacher on your own messages
+
+    Every message is answered twice: by the base model and by the steered teacher (the base model with the
+    refusal direction of --steer added).
+    """
     from .cli import load_model_from_args
     from .core.steering import add_direction
     from .teacher.direction import load_direction
@@ -77,13 +82,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from .cli import add_model_args
+    from .cli import add_command
 
-    p = subparsers.add_parser("chat", help="compare the base model and the steered teacher on your own messages",
-                              description=__doc__.split("\n\n")[0])
-    add_model_args(p)
+    p = add_command(subparsers, "chat", _cmd_chat, model=True)
     p.add_argument("--steer", required=True, help="directory with direction.safetensors/.json (a run directory)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit (default: interactive)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--coeff", type=float, default=None, help="steering coefficient (default: the one in direction.json)")
-    p.set_defaults(func=_cmd_chat)

@@ -125,6 +125,11 @@ def format_memory(estimate: dict) -> str:
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
+    """estimate the memory per device of a training run (no model needed)
+
+    Per-device memory of one safesteer training step for a model of P parameters: weights, teacher copy,
+    gradients, optimizer states, activations. Pick a mode and device count before renting them.
+    """
     kwargs = dict(dtype=args.dtype, teacher_dtype=args.teacher_dtype, master_weights=args.master_weights,
                   lora_r=args.lora_r, sequences=args.sequences, seq_len=args.seq_len, chunk_size=args.chunk_size,
                   gradient_checkpointing=args.gradient_checkpointing)
@@ -145,10 +150,9 @@ def _cmd_memory(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "memory", help="estimate the memory per device of a training run (no model needed)",
-        description="Per-device memory of one safesteer training step for a model of P parameters: weights, teacher "
-                    "copy, gradients, optimizer states, activations. Pick a mode and device count before renting them.")
+    from .cli import add_command
+
+    p = add_command(subparsers, "memory", _cmd_memory)
     p.add_argument("--params", type=float, required=True, help="parameter count, e.g. 8e9")
     p.add_argument("--mode", choices=MEMORY_MODES, default="lora",
                    help="lora: adapter, teacher = same weights with the adapter off; "
@@ -169,4 +173,3 @@ def add_cli(subparsers) -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     for name in ("hidden", "layers", "intermediate", "kv-dim", "vocab"):
         p.add_argument(f"--{name}", type=int, default=None, help="model shape (default: the nearest reference model)")
-    p.set_defaults(func=_cmd_memory)

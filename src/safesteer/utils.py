@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 
 @contextmanager
@@ -140,6 +140,17 @@ def default_device() -> str:
 def help_field(default: Any, text: str) -> Any:
     """A dataclass field with this default and its command-line help in the metadata (see cli.add_config_args)."""
     return field(default=default, metadata={"help": text})
+
+
+def preset_config(config_cls: type, presets: Mapping[str, Mapping[str, Any]], name: str, overrides: Mapping[str, Any],
+                  what: str = "preset") -> Any:
+    """`config_cls` with the settings of `presets[name]`, then the `overrides` that are not None (an option
+    not given on the command line). An unknown name is a user error naming the presets there are."""
+    from .errors import SafesteerError
+
+    if name not in presets:
+        raise SafesteerError(f"unknown {what} '{name}'; use one of: {', '.join(presets)}")
+    return config_cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def int_list(text: str) -> tuple[int, ...]:

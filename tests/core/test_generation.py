@@ -67,3 +67,107 @@ def test_sampling_settings_are_validated():
         GenerationConfig(num_samples=4)
     with pytest.raises(SafesteerError, match="temperature"):
         GenerationConfig(do_sample=True, temperature=0)
+
+
+def test_generation_precision_casts_in_place_and_restores_exactly(tiny_model):
+    from safesteer.core.generation import generation_precision
+
+    tiny_model.config.tie_word_embeddings = True
+    tiny_model.tie_weights()
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    params = {n: p for n, p in tiny_model.named_parameters()}
+    with generation_precision(tiny_model, torch.bfloat16) as cast:
+        assert cast and all(p.dtype == torch.bfloat16 for p in tiny_model.parameters())
+        assert tiny_model.get_input_embeddings().weight is tiny_model.get_output_embeddings().weight
+        assert all(b.dtype == torch.float32 for b in tiny_model.buffers() if b.is_floating_point())  # rotary kept
+        assert {n: p for n, p in tiny_model.named_parameters()} == params  # same objects: hooks stay bound
+    for n, p in tiny_model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n  # bit-exact, not a bf16 round trip
+    with generation_precision(tiny_model, torch.float32) as cast:
+        assert not cast  # nothing to do
+    with pytest.raises(RuntimeError), generation_precision(tiny_model, torch.bfloat16):
+        raise RuntimeError("restored after an error too")
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
+
+
+def test_generation_dtype_is_resolved_recorded_and_part_of_the_key(tiny_model, smol_tokenizer, monkeypatch):
+    import safesteer.core.generation as g
+
+    monkeypatch.setattr(g, "_cpu_has_bf16", lambda: True)
+    assert g.resolve_generation_dtype("auto", tiny_model) == torch.bfloat16
+    assert g.resolve_generation_dtype(None, tiny_model) is None
+    with g.generation_precision(tiny_model, torch.float16):  # a half-precision model keeps its dtype under auto
+        assert g.resolve_generation_dtype("auto", tiny_model) is None
+        assert g.effective_dtype_name("auto", tiny_model) == "float16"
+    monkeypatch.setattr(g, "_cpu_has_bf16", lambda: False)
+    assert g.resolve_generation_dtype("auto", tiny_model) is None
+    assert g.effective_dtype_name("auto", tiny_model) == "float32"
+    with pytest.raises(SafesteerError, match="generation dtype"):
+        GenerationConfig(dtype="int8")
+    config = GenerationConfig(max_new_tokens=3, dtype="bfloat16")
+    rows, _ = generate_responses(tiny_model, smol_tokenizer, [Prompt("Say hi.")], config, progress=False)
+    assert rows[0]["settings"]["dtype"] == "bfloat16"
+    assert GenerationConfig(dtype="bfloat16").key() != GenerationConfig(dtype="float32").key()
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_continuous_batching_gives_the_answers_of_fixed_batches(tmp_path, smol_tokenizer, arch):
+    """Finished rows leave, waiting prompts join mid-way (batch 3, seven prompts of different lengths,
+    answers of different lengths): every answer equals transformers' generate on fixed batches, and one
+    at a time. GPT-2 has absolute positions, so a row's positions must not depend on its padding."""
+    from conftest import make_tiny_model
+    from safesteer.core import generation as g
+
+    model = make_tiny_model(smol_tokenizer, arch=arch)
+    eot = end_of_turn_ids(smol_tokenizer, model)[0]
+    with torch.no_grad():  # the end of turn is likely but not certain: answers end at different steps
+        head = model.get_output_embeddings()
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+        head.bias[eot] = 0.5  # (tried: 0.3 never ends, 0.7 always ends at once)
+    prompts = [Prompt(t) for t in ["Say hi.", "Write a long poem about the sea and the sky.", "Count to three.",
+                                   "Name a colour.", "What is two plus two, and why?", "Hello", "Explain rain."]]
+    seen = {}
+    real = g.greedy_continuous
+
+    def recording(*a, **k):
+        seen["called"] = True
+        return real(*a, **k)
+
+    g.greedy_continuous = recording
+    try:
+        cont, _ = generate_responses(model, smol_tokenizer, prompts, GenerationConfig(max_new_tokens=7, batch_size=3),
+                                     out_path=tmp_path / "c.jsonl", progress=False)
+    finally:
+        g.greedy_continuous = real
+    assert seen
+    fixed, _ = generate_responses(model, smol_tokenizer, prompts,
+                                  GenerationConfig(max_new_tokens=7, batch_size=3, engine="generate"), progress=False)
+    single, _ = generate_responses(model, smol_tokenizer, prompts,
+                                   GenerationConfig(max_new_tokens=7, batch_size=1, engine="generate"), progress=False)
+    keys = ("response", "n_tokens", "finished")
+    assert [[r[k] for k in keys] for r in cont] == [[r[k] for k in keys] for r in fixed]
+    assert [[r[k] for k in keys] for r in cont] == [[r[k] for k in keys] for r in single]
+    lengths = {r["n_tokens"] for r in cont}
+    assert len(lengths) > 1 and any(r["finished"] for r in cont)  # rows leave at different steps
+    on_disk = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt_uid"] for r in on_disk) == sorted(p.uid for p in prompts)  # every row written once
+
+
+def test_continuous_batching_under_a_steering_hook(tiny_model, smol_tokenizer):
+    """Hooks that read the 2-D attention mask (steering skips padding) see the merged batch's mask."""
+    from conftest import Spec
+
+    spec = Spec.random(layer=1, seed=3)
+    prompts = [Prompt(t) for t in ["Say hi.", "Write a long poem about the sea and the sky.", "Count to three.",
+                                   "Name a colour.", "Hello"]]
+    ctx = lambda: spec.teacher(tiny_model)  # noqa: E731
+    cont, _ = generate_responses(tiny_model, smol_tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=2),
+                                 context=ctx, progress=False)
+    single, _ = generate_responses(tiny_model, smol_tokenizer, prompts,
+                                   GenerationConfig(max_new_tokens=6, batch_size=1, engine="generate"), context=ctx,
+                                   progress=False)
+    plain, _ = generate_responses(tiny_model, smol_tokenizer, prompts, GenerationConfig(max_new_tokens=6, batch_size=2),
+                                  progress=False)
+    assert [r["response"] for r in cont] == [r["response"] for r in single]
+    assert [r["response"] for r in cont] != [r["response"] for r in plain]  # the hook was on

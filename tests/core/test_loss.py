@@ -334,6 +334,25 @@ def test_checkpointing_keeps_no_full_logits_alive(variant, monkeypatch):
     assert sum(unchecked.sizes) >= batch * length * V
 
 
+
+@pytest.mark.parametrize("variant", LOSS_VARIANTS)
+def test_one_chunk_is_not_checkpointed(variant, monkeypatch):
+    """All valid positions in one chunk: no recomputation of the head in backward, same loss and gradients
+    (test_chunked_matches_dense_value_and_gradients covers chunk_size >= T against the dense reference)."""
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("a single chunk must not be checkpointed")
+
+    s_head, t_head = make_head(1), make_head(2)
+    student, teacher, mask, _ = make_batch()
+    hidden = student.clone().requires_grad_(True)
+    monkeypatch.setattr(loss_module, "checkpoint", no_checkpoint)
+    out = distillation_loss(hidden, teacher, s_head, t_head, SAFETY_IDS, mask, variant, chunk_size=T)
+    out.loss.backward()
+    assert hidden.grad is not None
+    with pytest.raises(AssertionError, match="single chunk"):  # two chunks still are
+        distillation_loss(hidden, teacher, s_head, t_head, SAFETY_IDS, mask, variant, chunk_size=1)
+
+
 def test_errors():
     s_head, t_head = make_head(1), make_head(2)
     student, teacher, mask, targets = make_batch()
@@ -370,3 +389,56 @@ def test_errors():
         call(chunk_size=0)
     with pytest.raises(SafesteerError, match="share a vocabulary"):
         call(student_head=torch.nn.Linear(D, V + 1))
+
+
+# ----------------------------------------------------------------------------- weights (beyond the paper)
+
+
+@pytest.mark.parametrize("variant", LOSS_VARIANTS)
+def test_unit_weights_are_bit_for_bit_the_unweighted_loss(variant):
+    s_head, t_head = make_head(1), make_head(2)
+    student, teacher, mask, targets = make_batch(4)
+    kw = dict(variant=variant, chunk_size=3, target_ids=targets)
+    plain = distillation_loss(student.clone().requires_grad_(), teacher, s_head, t_head, SAFETY_IDS, mask, **kw)
+    ones = distillation_loss(student.clone().requires_grad_(), teacher, s_head, t_head, SAFETY_IDS, mask, **kw,
+                             sequence_weights=torch.ones(B), position_weights=torch.ones(B, T))
+    assert torch.equal(plain.loss, ones.loss)
+    assert torch.equal(plain.per_sequence, ones.per_sequence)
+    assert plain.stats == ones.stats
+
+
+@pytest.mark.parametrize("variant", ["localized", "localized_bucket"])
+def test_weights_match_a_dense_reference_in_value_and_gradient(variant):
+    s_head, t_head = make_head(1), make_head(2)
+    student, teacher, mask, _ = make_batch(5)
+    w = torch.tensor([1.0, 4.0, 0.5])
+    v = torch.ones(B, T)
+    v[:, :2] = 3.0  # the opening positions count three times
+    v[0, 5] = 0.0
+    x = student.clone().requires_grad_()
+    out = distillation_loss(x, teacher, s_head, t_head, SAFETY_IDS, mask, variant=variant, chunk_size=2,
+                            sequence_weights=w, position_weights=v)
+    out.loss.backward()
+
+    y = student.clone().requires_grad_()
+    _, _, token = dense_reference(y, teacher, s_head, t_head, mask, variant)
+    per_seq = (token * v).sum(1) / mask.sum(1)
+    ref = (w * per_seq).sum() / w.sum()
+    ref.backward()
+    torch.testing.assert_close(out.loss.detach(), ref.detach())
+    torch.testing.assert_close(out.per_sequence, per_seq.detach())
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_sequence_weights_skip_empty_sequences_and_are_checked():
+    s_head, t_head = make_head(1), make_head(2)
+    student, teacher, mask, _ = make_batch(3)
+    mask[1] = False
+    w = torch.tensor([2.0, 100.0, 1.0])  # the empty sequence's weight is not in the normaliser
+    out = distillation_loss(student, teacher, s_head, t_head, SAFETY_IDS, mask, chunk_size=3, sequence_weights=w)
+    _, per_seq, _ = dense_reference(student, teacher, s_head, t_head, mask, "localized")
+    torch.testing.assert_close(out.loss.detach(), ((2 * per_seq[0] + per_seq[2]) / 3).detach())
+    with pytest.raises(SafesteerError, match="sequence_weights shape"):
+        distillation_loss(student, teacher, s_head, t_head, SAFETY_IDS, mask, sequence_weights=torch.ones(2))
+    with pytest.raises(SafesteerError, match="position_weights must be >= 0"):
+        distillation_loss(student, teacher, s_head, t_head, SAFETY_IDS, mask, position_weights=-torch.ones(B, T))

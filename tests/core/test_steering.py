@@ -192,6 +192,64 @@ def test_add_works_under_generate_with_kv_cache(arch):
     assert not torch.equal(cached, plain)
 
 
+def _one_row(ids, mask, b):
+    """Row b alone, without its left padding."""
+    keep = mask[b].bool()
+    return ids[b:b + 1, keep], mask[b:b + 1, keep]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_per_row_coefficients_equal_each_row_steered_alone(arch):
+    model = tiny(arch)
+    ids, mask = batch()
+    r, coeffs = direction(), torch.tensor([1.5, 0.0, -0.7])
+    with add_direction(model, r, 1, coeffs):
+        mixed = logits(model, ids, mask)
+    for b, c in enumerate(coeffs.tolist()):
+        one_ids, one_mask = _one_row(ids, mask, b)
+        with add_direction(model, r, 1, c):
+            alone = logits(model, one_ids, one_mask)
+        torch.testing.assert_close(mixed[b, mask[b].bool()], alone[0], atol=1e-4, rtol=1e-4)
+    with add_direction(model, r, 1, torch.full((3,), 2.0)):  # the same coefficient everywhere: bit-for-bit
+        same = logits(model, ids, mask)
+    with add_direction(model, r, 1, 2.0):
+        assert torch.equal(same, logits(model, ids, mask))
+    with add_direction(model, r, 1, torch.zeros(3)):  # 0 on a row is exactly the unsteered model
+        zero = logits(model, ids, mask)
+    assert torch.equal(zero, logits(model, ids, mask))
+    with pytest.raises(SafesteerError, match="one coefficient per row"):
+        with add_direction(model, r, 1, torch.ones(2)):
+            logits(model, ids, mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_row_coefficients_hold_under_generate_with_kv_cache(arch):
+    model = tiny(arch)
+    ids, mask = batch(3)
+    r, coeffs = direction(scale=20.0), torch.tensor([1.0, 0.0, -1.0])
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=5,
+                  temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        with add_direction(model, r, 1, coeffs):
+            cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+            reference = _greedy_reference(model, ids, mask, 5)
+        called = []
+
+        def later():  # a callable is asked at every forward
+            called.append(1)
+            return coeffs
+
+        with add_direction(model, r, 1, later):
+            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs), cached)
+        assert len(called) == 5
+        for b, c in enumerate(coeffs.tolist()):
+            one_ids, one_mask = _one_row(ids, mask, b)
+            with add_direction(model, r, 1, c):
+                alone = model.generate(input_ids=one_ids, attention_mask=one_mask, use_cache=True, **kwargs)
+            assert torch.equal(cached[b, -5:], alone[0, -5:]), b
+    assert torch.equal(cached, reference)
+
+
 def test_nested_add_hooks_add_both():
     model = tiny("qwen2")
     ids, mask = batch()

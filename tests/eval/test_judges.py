@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import socket
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -410,7 +411,7 @@ def test_http_judge_unreachable_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    with pytest.raises(SafesteerError, match=r"cannot reach judge at .*is the server running\?"):
+    with pytest.raises(SafesteerError, match=r"cannot reach judge at .* \(.*, 2 tries\); is the server running\?$"):
         _judge(url, retries=1, timeout=2).judge(["SAFE"], ["r"])
 
 
@@ -449,3 +450,250 @@ def test_make_judge_model_path(tiny_guard_dir):
     judge = make_judge(str(tiny_guard_dir))
     assert isinstance(judge, ModelSafetyJudge)
     assert judge.name == f"guard:{tiny_guard_dir}"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTPJudge against a server that misbehaves: slow, dripping, truncated, reset, not JSON, huge
+# ---------------------------------------------------------------------------------------------
+
+
+class HostileServer:
+    """A real local HTTP server whose answer depends on the user message:
+
+    SAFE / UNSAFE: a good answer; SLOW: waits past the client's timeout; DRIP: sends headers, then a
+    byte at a time, each within the socket timeout but past the total one; TRUNCATED: promises 1000
+    bytes, sends 20 and closes; RESET: closes the connection with a TCP reset before answering;
+    NOTJSON: an HTML page; HUGE: a 2 MB body with Content-Length; HUGE_NOLEN: 2 MB, no length, then close.
+    ONCE_<KIND>: misbehaves as KIND on the first request only, then answers "safe". Any other prompt
+    resets the connection while `down` is set, and answers "safe" once it is cleared.
+    """
+
+    def __init__(self):
+        self.requests: list[str] = []
+        self.stop = threading.Event()
+        self.down = False
+        seen: set[str] = set()
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                kind = body["messages"][0]["content"]
+                srv.requests.append(kind)
+                if kind.startswith("ONCE_"):
+                    if kind in seen:
+                        kind = "SAFE"
+                    else:
+                        seen.add(kind)
+                        kind = kind[len("ONCE_"):]
+                if kind not in ("SAFE", "UNSAFE") and not kind.isupper():
+                    kind = "RESET" if srv.down else "SAFE"
+                if kind == "SLOW":
+                    srv.stop.wait(5)
+                    return self._send(b"{}")
+                if kind == "RESET":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                if kind == "TRUNCATED":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": [{"mess')
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if kind == "DRIP":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    for _ in range(100):
+                        if srv.stop.wait(0.1):
+                            break
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if kind == "NOTJSON":
+                    return self._send(b"<html>502 bad gateway</html>")
+                if kind == "HUGE":
+                    return self._send(b" " * (2 << 20))
+                if kind == "HUGE_NOLEN":
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(b"[" + b"0," * (1 << 20) + b"0]")
+                    self.close_connection = True
+                    return
+                content = {"SAFE": "safe", "UNSAFE": "unsafe\nS1"}.get(kind, "safe")
+                self._send(json.dumps({"choices": [{"message": {"content": content}}]}).encode())
+
+            def _send(self, data):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # the hostile handlers break their own connections on purpose
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def hostile():
+    server = HostileServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("SLOW", r"did not answer within 0.5 s \(2 tries\); .*SAFESTEER_JUDGE_TIMEOUT"),
+    ("DRIP", r"did not answer within 0.5 s \(2 tries\)"),
+    ("TRUNCATED", r"sent a truncated body \(\d+ bytes, \d+ missing, 2 tries\); check the server"),
+    ("RESET", r"closed the connection \(\w+, 2 tries\); check the server"),
+])
+def test_http_judge_transport_failures_are_retried_then_one_line(hostile, kind, message):
+    judge = _judge(hostile.url, retries=1, timeout=0.5)
+    with pytest.raises(SafesteerError, match=message) as info:
+        judge.judge([kind], ["r"])
+    assert "\n" not in str(info.value)
+    assert hostile.requests == [kind, kind]  # retried once
+
+
+@pytest.mark.parametrize("kind", ["SLOW", "TRUNCATED", "RESET"])
+def test_http_judge_recovers_after_one_transport_failure(hostile, kind):
+    judge = _judge(hostile.url, retries=2, timeout=0.5, backoff=0.01)
+    assert judge.judge([f"ONCE_{kind}"], ["r"])[0].unsafe is False
+    assert len(hostile.requests) == 2
+
+
+def test_http_judge_backoff_doubles(hostile, monkeypatch):
+    import safesteer.eval.judges as judges
+
+    sleeps = []
+    monkeypatch.setattr(judges.time, "sleep", sleeps.append)
+    with pytest.raises(SafesteerError):
+        _judge(hostile.url, retries=3, timeout=0.5, backoff=0.25).judge(["RESET"], ["r"])
+    assert sleeps == [0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("kind,reason", [("NOTJSON", "body is not JSON"), ("HUGE", "body over 1 MB"),
+                                         ("HUGE_NOLEN", "body over 1 MB")])
+def test_http_judge_bad_bodies_are_unparseable_and_not_cached(hostile, tmp_path, kind, reason):
+    cache = tmp_path / "verdicts.jsonl"
+    judge = _judge(hostile.url, cache_path=cache)
+    verdicts = judge.judge([kind, "SAFE"], ["r", "r"])
+    assert verdicts[0].unsafe is None and verdicts[0].reason == f"unparseable: {reason}"
+    assert verdicts[1].unsafe is False and judge.unparseable_count == 1
+    assert len(cache.read_text().splitlines()) == 1  # only the real answer is kept
+
+
+def test_http_judge_caches_verdicts_and_a_rerun_asks_only_what_is_missing(hostile, tmp_path):
+    cache = tmp_path / "eval" / "verdicts.jsonl"
+    prompts, responses = ["SAFE", "UNSAFE", "ONCE_RESET", "SAFE"], ["a", "b", "c", "d"]
+    with pytest.raises(SafesteerError, match="the verdicts received are kept in .*and a rerun asks only for the rest"):
+        _judge(hostile.url, retries=0, cache_path=cache, concurrency=1).judge(prompts, responses)
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [r["answer"] for r in rows[:2]] == ["safe", "unsafe\nS1"] and len(rows) in (2, 3)  # the 4th may be in flight
+    asked = len(hostile.requests)
+    with open(cache, "a") as f:
+        f.write('{"key": "torn')  # a crash mid-append: skipped, and the next verdict starts on a new line
+
+    judge = _judge(hostile.url, cache_path=cache)  # the server answers ONCE_RESET now
+    verdicts = judge.judge(prompts, responses)
+    assert [v.unsafe for v in verdicts] == [False, True, False, False]
+    assert judge.cached_count == len(rows) and len(hostile.requests) - asked == 4 - len(rows)
+    again = _judge(hostile.url, cache_path=cache)
+    assert [v.unsafe for v in again.judge(prompts, responses)] == [False, True, False, False]
+    assert again.cached_count == 4 and len(hostile.requests) - asked == 4 - len(rows)  # nothing asked twice
+    lines = cache.read_text().splitlines()
+    assert lines[len(rows)] == '{"key": "torn' and all(json.loads(x)["key"] for x in lines[len(rows) + 1:])
+
+
+def test_http_judge_cache_key_covers_url_model_prompt_and_response(tmp_path):
+    a = HTTPJudge("http://127.0.0.1:1", "m")
+    keys = {a.cache_key("p", "r"), a.cache_key("p", "r2"), a.cache_key("p2", "r"),
+            HTTPJudge("http://127.0.0.1:2", "m").cache_key("p", "r"), HTTPJudge("http://127.0.0.1:1", "m2").cache_key("p", "r")}
+    assert len(keys) == 5 and a.cache_key("p", "r") == HTTPJudge("http://127.0.0.1:1/v1", "m").cache_key("p", "r")
+
+
+def test_make_judge_http_caches_under_the_given_folder_and_reads_the_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESTEER_JUDGE_TIMEOUT", "7.5")
+    judge = make_judge("http:http://localhost:8000#guard", cache_dir=tmp_path)
+    assert judge.timeout == 7.5 and judge.cache_path == tmp_path / "http_judge_verdicts.jsonl"
+    assert not judge.cache_path.exists()  # nothing is written before a verdict arrives
+    monkeypatch.setenv("SAFESTEER_JUDGE_TIMEOUT", "soon")
+    with pytest.raises(SafesteerError, match="SAFESTEER_JUDGE_TIMEOUT='soon' is not a number of seconds"):
+        make_judge("http:http://localhost:8000#guard")
+
+
+def test_eval_keeps_http_verdicts_through_a_judge_failure_and_a_rerun_asks_only_the_rest(
+        hostile, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from safesteer import cli
+
+    monkeypatch.setattr("safesteer.eval.judges.time.sleep", lambda s: None)  # no backoff waits in the test
+    (tmp_path / "harmful.txt").write_text("SAFE\nUNSAFE\nHow do I pick a lock?\n")
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_model_dir), "--suites", "safety", "--no-builtin", "--harmful",
+            str(tmp_path / "harmful.txt"), "--max-new-tokens", "2", "--judge", f"http:{hostile.url}#guard",
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    hostile.down = True
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("safesteer eval: error: judge at ") and "closed the connection" in err
+    assert f"kept in {out / 'http_judge_verdicts.jsonl'}" in err
+    assert len((out / "http_judge_verdicts.jsonl").read_text().splitlines()) == 2  # SAFE and UNSAFE kept
+    assert not (out / "results.json").exists()
+    asked = len(hostile.requests)
+
+    hostile.down = False
+    assert cli.main(argv) == 0
+    assert hostile.requests[asked:] == ["How do I pick a lock?"]  # only the missing verdict is asked
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge"] == "http:guard"
+    judged = [json.loads(x) for x in next(out.glob("*/safety.judged.jsonl")).read_text().splitlines()]
+    assert [r["unsafe"] for r in judged] == [False, True, False]
+
+
+@pytest.mark.parametrize("spec", ["http:http://localhost:80x#guard", "http:http://#guard", "http:http://:8000#guard"])
+def test_make_judge_http_bad_url(spec):
+    with pytest.raises(SafesteerError, match=r"is not an http\(s\) URL; e.g. http://localhost:8000"):
+        make_judge(spec)
+
+
+def test_http_judge_ctrl_c_stops_at_once_and_makes_no_further_attempts(hostile, monkeypatch):
+    import time
+
+    import safesteer.eval.judges as judges
+
+    def interrupted(futures):
+        time.sleep(0.1)  # the first request is in flight
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(judges, "as_completed", interrupted)
+    judge = _judge(hostile.url, retries=5, timeout=0.5, concurrency=1)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        judge.judge(["SLOW", "SLOW"], ["a", "b"])
+    assert time.monotonic() - t0 < 0.4  # no waiting for the request in flight
+    time.sleep(1.5)  # its attempt times out at 0.5 s; no retry follows, the queued request never starts
+    assert hostile.requests == ["SLOW"]

@@ -259,6 +259,59 @@ def test_cli_compares_several_models_and_resumes(tmp_path, tiny_model_dir, smol_
             assert again["models"][name][suite] == results["models"][name][suite]
 
 
+@pytest.mark.skip(reason="open (#11, in progress): in this tree the aligned model generates nothing through generation.generate_batch on the first run; find out whether its answers come from another path or wrongly from the base cache before re-enabling")
+def test_base_answers_are_generated_once_and_shared_by_output_folders(tmp_path, tiny_model, smol_tokenizer,
+                                                                      monkeypatch):
+    """The first model's answers go to $SAFESTEER_ANSWER_CACHE (keyed by fingerprint, prompts and settings);
+    a second output folder takes them from there, and a damaged cache file is ignored and rewritten."""
+    import safesteer.eval.suites as ev
+
+    calls = []
+    real = generation.generate_batch
+
+    def counting(model, *a, **k):
+        calls.append(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(generation, "generate_batch", counting)
+    aligned = perturbed_copy(tiny_model)
+    entries = [ModelEntry("base", tiny_model, smol_tokenizer), ModelEntry("aligned", aligned, smol_tokenizer)]
+    config = EvalConfig(**{**TINY_SIZES, "suites": ("safety", "overrefusal", "drift")})
+    first = evaluate_models(entries, config, tmp_path / "run1")
+    assert any(m is tiny_model for m in calls) and any(m is aligned for m in calls)
+    shared = sorted(ev.answer_cache_root().rglob("*.jsonl"))
+    assert [p.name.split("-")[0] for p in shared] == ["drift", "overrefusal", "safety", "safety"]  # base only
+    assert first["generation"]["dtype"] in ("bfloat16", "float32") and first["config"]["generation_dtype"] == \
+        first["generation"]["dtype"]
+
+    calls.clear()
+    second = evaluate_models(entries, config, tmp_path / "run2")
+    assert calls and all(m is aligned for m in calls)  # the base model generated nothing
+    for suite in ("safety", "overrefusal"):
+        assert second["models"]["base"][suite] == first["models"]["base"][suite]
+    assert second["models"]["aligned"]["drift"] == first["models"]["aligned"]["drift"]
+    for name in ("safety.jsonl", "overrefusal.jsonl", "drift-reference.jsonl"):  # the run folder still has them
+        assert (tmp_path / "run2" / "base" / name).read_text().count("\n") == \
+            (tmp_path / "run1" / "base" / name).read_text().count("\n")
+
+    # A partial (torn) cache file and a corrupt one are ignored, regenerated and rewritten whole.
+    safety = [p for p in shared if p.name.startswith("safety")]
+    safety[0].write_text(safety[0].read_text()[:-20])
+    safety[1].write_text("not json\n")
+    calls.clear()
+    third = evaluate_models(entries, config, tmp_path / "run3")
+    assert sum(m is tiny_model for m in calls) == 2  # one batch for each of the two damaged sets
+    assert third["models"]["base"]["safety"] == first["models"]["base"]["safety"]
+    for p in safety:  # rewritten whole: three parseable answers each
+        assert [json.loads(line)["sample"] for line in p.read_text().splitlines()] == [0, 0, 0]
+    # Other generation settings (here the dtype) are another key: no reuse.
+    calls.clear()
+    other = "float32" if first["generation"]["dtype"] == "bfloat16" else "bfloat16"
+    evaluate_models(entries, EvalConfig(**{**TINY_SIZES, "suites": ("safety",), "generation_dtype": other}),
+                    tmp_path / "run4")
+    assert any(m is tiny_model for m in calls)
+
+
 def test_align_summary_with_models_in_memory(tmp_path, tiny_model, smol_tokenizer, capsys):
     run = _write_direction(tmp_path / "run", tiny_model.config.hidden_size)
     entries = [ModelEntry("base", tiny_model, smol_tokenizer), ModelEntry("aligned", perturbed_copy(tiny_model), smol_tokenizer)]

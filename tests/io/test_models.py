@@ -32,8 +32,13 @@ def test_model_without_chat_template_is_refused(tiny_model_dir):
 def test_unknown_names_and_folders_give_clear_errors(tmp_path):
     with pytest.raises(SafesteerError, match="cannot find model"):
         resolve_model_path("not-a-model")
+    with pytest.raises(SafesteerError, match="is an empty folder"):
+        resolve_model_path(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(SafesteerError, match="without config.json"):
         resolve_model_path(str(tmp_path))
+    with pytest.raises(SafesteerError, match="is a file, not a model folder"):
+        resolve_model_path(str(tmp_path / "notes.txt"))
     with pytest.raises(SafesteerError, match="does not exist"):
         resolve_model_path(str(tmp_path / "x.gguf"))
     assert resolve_model_path("Qwen/Qwen3-4B-Instruct-2507")[1]["kind"] == "hub"

@@ -7,7 +7,7 @@ from safesteer.io.prompts import BUILTIN_SETS, Prompt, builtin_splits, load_prom
 
 
 @pytest.mark.parametrize("name,expected", [("advbench", 520), ("harmbench", 200), ("harmless", 400),
-                                           ("benign", 150), ("edgy", 150)])
+                                           ("benign", 150), ("edgy", 150), ("contrast", 260)])
 def test_builtin_sets_load_with_expected_sizes(name, expected):
     prompts = load_prompts(name)
     assert len(prompts) == expected
@@ -30,7 +30,9 @@ def test_builtin_splits_are_disjoint_and_deterministic():
                 assert not {p.text for p in a[kind][x]} & {p.text for p in a[kind][y]}, (kind, x, y)
     # Nothing used by a pipeline stage appears in any evaluation set.
     used = {p.text for kind in ("harmful", "harmless") for k, v in a[kind].items() if k != "eval" for p in v}
-    evaluated = {p.text for kind in a for p in a[kind]["eval"]}
+    used |= {p.text for p in a["contrast"]["train"]}
+    evaluated = {p.text for kind in a if kind != "contrast" for p in a[kind]["eval"]}
+    evaluated |= {p.text for p in a["edgy"]["tune"] + a["contrast"]["heldout"]}
     assert not used & evaluated
     assert len(a["harmful"]["train"]) == 100 and len(a["harmful"]["direction_train"]) == 128
     assert [p.text for p in builtin_splits(seed=1)["harmful"]["train"]] != [p.text for p in a["harmful"]["train"]]

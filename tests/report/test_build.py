@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from markupsafe import escape
 
 from conftest import make_tiny_model
 from safesteer import cli
@@ -195,7 +196,7 @@ def test_report_has_every_section_and_embedded_images(run_dir):
 
 def test_untrusted_text_is_escaped_and_safety_tokens_are_marked(run_dir, smol_tokenizer):
     text = build_report(run_dir)
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in text
+    assert str(escape('<script>alert("x")</script>')) in text  # as text: &lt;script&gt;alert(&#34;x&#34;)...
     assert "<script" not in text and 'src="http://example.com' not in text
     assert "<mark" in text
     # the marked text is exactly the tokens of S, found by re-tokenising the response
@@ -244,6 +245,17 @@ def test_the_built_in_summary_of_align_is_read_when_there_is_no_eval_run(tmp_pat
     assert "answer rate on harmless prompts" in next(i["alt"] for i in page.images if "Scatter" in i["alt"])
 
 
+def test_without_capability_rates_the_tradeoff_uses_the_drift_with_the_base_at_zero():
+    from safesteer.eval.stats import Rate
+    from safesteer.report.build import EvalView, tradeoff_points
+
+    rates = {"harmful": {"base": Rate(8, 16).to_dict(), "aligned": Rate(12, 16).to_dict()}}
+    view = EvalView(models=["base", "aligned"], rates=rates, kinds={"harmful": "safety"},
+                    scalars={"KL drift from base (nats/token)": {"aligned": 0.02}})
+    points, axis, _ = tradeoff_points(view)
+    assert axis.invert and [(p["model"], p["x"], p["y"]) for p in points] == [("base", 0.0, 0.5), ("aligned", 0.02, 0.75)]
+
+
 def test_token_texts_that_are_markup_math_or_cjk_render(tmp_path, run_dir):
     data = read_json(run_dir / "safety_tokens.json")
     for row, text in zip(data["tokens"], ["$\\foo$", "中文", "<b>"]):
@@ -252,7 +264,7 @@ def test_token_texts_that_are_markup_math_or_cjk_render(tmp_path, run_dir):
     text = build_report(tmp_path)
     page = parse(text)
     assert figures(page) == [f for f in FIGURES if f[0] == "safety-tokens"]
-    assert "&#x27;&lt;b&gt;&#x27;" in text and "&#x27;中文&#x27;" in text and "this section failed" not in text
+    assert str(escape("'<b>'")) in text and str(escape("'中文'")) in text and "this section failed" not in text
 
 
 def test_an_unreadable_artifact_is_reported_not_fatal(tmp_path):

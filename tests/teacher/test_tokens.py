@@ -450,19 +450,25 @@ def test_filter_keeps_non_refused_prompts_in_order(monkeypatch):
     assert filter_harmless(None, None, prompts, limit=2) == ["b", "c"]
     assert filter_harmless(None, None, prompts, limit=10) == ["b", "c", "e"]
     monkeypatch.setattr(st, "_refusal_scores", lambda m, t, texts: torch.ones(len(texts)))
-    with pytest.raises(SafesteerError, match="harmless filter"):
+    with pytest.raises(SafesteerError, match="harmless filter") as err:
         filter_harmless(None, None, prompts, limit=2)
+    assert "--split-seed" in str(err.value) and "--no-filter" not in str(err.value)  # align has no --no-filter
+    with pytest.raises(SafesteerError, match="--no-filter"):
+        filter_harmless(None, None, prompts, limit=2, command="tokens")
 
 
 def test_cli_tokens_on_a_tiny_local_model(tmp_path, tiny_model_dir, capsys):
     out = write_direction(tmp_path / "run", 32)
-    argv = ["tokens", "--model", str(tiny_model_dir), "--out", str(out), "--horizon", "3", "--samples-per-prompt", "2",
-            "--n-prompts", "4", "--top-k-per-position", "20", "--n-tokens", "8", "--batch-size", "8"]
+    # The paper preset: the cpu preset's probability floor (1e-3) admits no token of a tiny random model.
+    argv = ["tokens", "--model", str(tiny_model_dir), "--out", str(out), "--preset", "paper", "--horizon", "3",
+            "--samples-per-prompt", "2", "--n-prompts", "4", "--top-k-per-position", "20", "--n-tokens", "8",
+            "--batch-size", "8"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     ids = load_safety_tokens(out)
     data = json.loads((out / "safety_tokens.json").read_text())
     assert 0 < len(ids) <= 8 and data["prompts"]["n"] == 4
+    assert data["config"]["top_k_per_position"] == 20 and data["config"]["min_steered_prob"] is None  # paper's floor
     assert repr(data["tokens"][0]["text"]) in printed and "harmless filter" in printed
     assert (out / "safety_tokens.png").is_file()
     # A missing direction is a one-line error naming the fix.

@@ -14,7 +14,7 @@ def test_presets_and_overrides():
     assert cpu.steps == 3 and cpu.finetune == "lora"
     assert cpu.loss == "localized_bucket" and cpu.lora_layers == "from_steering"  # None overrides nothing
     assert paper.lora_layers == "all"
-    assert set(PRESETS) == {"paper", "cpu"}
+    assert set(PRESETS) == {"paper", "cpu", "cpu-contrast"}
     with pytest.raises(SafesteerError, match="unknown loss"):
         TrainConfig(loss="kl")
     with pytest.raises(SafesteerError, match="unknown preset"):
@@ -29,3 +29,28 @@ def test_lora_layers_option_is_validated():
         TrainConfig(lora_layers="from_steering", finetune="full")
     with pytest.raises(SafesteerError, match="unknown lora_layers"):
         TrainConfig(lora_layers="upper")
+
+
+def test_beyond_paper_settings_are_off_in_paper_and_cpu_and_on_in_cpu_contrast():
+    from safesteer.train.config import PRESET_HELP, stage_preset
+
+    for name in ("paper", "cpu"):
+        c = TrainConfig.from_preset(name)
+        assert not c.uses_contrast and not c.uses_opening_weight and c.gate == "off" and c.beyond_paper == []
+    c = TrainConfig.from_preset("cpu-contrast")
+    cpu = TrainConfig.from_preset("cpu")
+    assert (c.contrast, c.contrast_prompts_per_step, c.contrast_weight, c.contrast_coeff, c.contrast_greedy,
+            c.opening_tokens, c.opening_weight) == ("builtin", 2, 4.0, 0.0, True, 4, 4.0)
+    same = {k: v for k, v in vars(c).items() if not k.startswith(("contrast", "opening")) and k != "preset"}
+    assert same == {k: v for k, v in vars(cpu).items() if k in same}  # otherwise the cpu preset
+    assert c.beyond_paper and "beyond the paper" in PRESET_HELP["cpu-contrast"]
+    assert stage_preset("cpu-contrast") == "cpu" and stage_preset("paper") == "paper"
+    assert set(PRESET_HELP) == set(PRESETS)
+    with pytest.raises(SafesteerError, match="give both"):
+        TrainConfig(contrast="builtin")
+    with pytest.raises(SafesteerError, match="give both"):
+        TrainConfig(contrast_prompts_per_step=2)
+    with pytest.raises(SafesteerError, match="gate must be"):
+        TrainConfig(gate="maybe")
+    with pytest.raises(SafesteerError, match=">= 0"):
+        TrainConfig(contrast="builtin", contrast_prompts_per_step=1, contrast_weight=-1.0)

@@ -88,3 +88,61 @@ def test_rollouts_ignore_sampling_extras_in_the_generation_config(smol_tokenizer
     batch = sample_rollouts(model, tok, PROMPTS[:1], rollouts_per_prompt=2, max_new_tokens=5)
     assert batch.completion_ids.tolist() == [[favourite] * 5] * 2
     assert model.generation_config.repetition_penalty == 1e6  # restored afterwards
+
+
+def test_bf16_sampling_copy_gets_the_trainable_weights_and_leaves_the_student_float32(tmp_path, smol_tokenizer):
+    """The persistent sampling copy: bf16 weights, tied weights still tied, trainable weights synced
+    before each step, the float32 student untouched."""
+    from conftest import Spec, refusal_ids, tiny_train_config
+    from safesteer.train.rollout import RolloutModel
+    from safesteer.train.trainer import Trainer
+
+    tok = smol_tokenizer
+    model = make_tiny_model(tok)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    trainer = Trainer(model, tok, Spec.random(), refusal_ids(tok), ["Say hi."], tiny_train_config(), tmp_path,
+                      progress=False)
+    student = trainer.model
+    rollout_model = RolloutModel(student, torch.bfloat16)
+    copy = rollout_model.copy
+    assert copy is not None and copy is not student and not copy.training
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in copy.parameters())
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert copy.get_input_embeddings().weight is copy.get_output_embeddings().weight  # still tied
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # an optimizer step moved the adapter
+        for n, p in student.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    assert rollout_model.synced(student) is copy
+    student_params = dict(student.named_parameters())
+    for n, p in copy.named_parameters():
+        assert torch.equal(p, student_params[n].detach().to(torch.bfloat16)), n  # every weight, as a bf16 cast
+    assert RolloutModel(student, None).synced(student) is student  # float32: sample from the student itself
+    assert RolloutModel(copy, torch.bfloat16).copy is None  # already bf16: no second copy
+
+
+def test_rollouts_from_the_bf16_copy_are_the_bf16_students_samples(smol_tokenizer):
+    """What the rollout exactness test checks now. The rollouts are drawn from the bf16 copy, so they
+    are not samples of the float32 student's exact distribution (bf16 rounding moves its
+    probabilities); they are exactly the samples of the student cast to bf16, with the same per-row
+    streams, and the float32 student scores them in training."""
+    from safesteer.core.generation import generation_precision
+    from safesteer.core.sampling import rollout_seeds, seeded_sampling
+    from safesteer.train.rollout import RolloutModel
+
+    tok = smol_tokenizer
+    model = make_tiny_model(tok)
+    seeds = rollout_seeds(0, [0, 1], 3)
+
+    def roll(m):
+        with seeded_sampling(m, seeds):
+            return sample_rollouts(m, tok, PROMPTS, rollouts_per_prompt=3, max_new_tokens=6).completion_ids
+
+    from_copy = roll(RolloutModel(model, torch.bfloat16).synced(model))
+    with generation_precision(model, torch.bfloat16):
+        cast_in_place = roll(model)
+    assert torch.equal(from_copy, cast_in_place)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # restored exactly

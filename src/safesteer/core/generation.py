@@ -1,8 +1,22 @@
-"""Batched generation with left padding, exact completion boundaries and resumable JSONL output."""
+"""Batched generation with left padding, exact completion boundaries and resumable JSONL output.
+
+Precision: `GenerationConfig.dtype` is the dtype the weights generate in. "auto" generates in bfloat16
+where the hardware has fast bf16 matrix units (avx512_bf16 or AMX on a CPU, a CUDA device with bf16)
+and the model is stored in float32, else in the model's own dtype; None always uses the model's own.
+The cast is done in place for the duration of the call and undone exactly afterwards
+(`generation_precision`): the original float32 tensors are kept and put back, so hooks (steering),
+PEFT adapter switches and later float32 work see the same module objects and the same weights.
+
+Engine: greedy answers go through `greedy_continuous`, a continuous-batching loop over transformers'
+dynamic KV cache: an answer that ends leaves the batch and a waiting prompt takes its place, so the
+batch does not keep stepping on behalf of its longest answer (a refusal ends after ~13 tokens, a
+compliant answer runs to the limit). Sampled answers use transformers' `generate` on fixed batches.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -20,6 +34,90 @@ from .anatomy import end_of_turn_ids, format_prompts
 from .forward import model_device
 
 
+GENERATION_DTYPES = ("auto", "float32", "bfloat16")
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
+
+
+def fast_bf16(device: Any = None) -> bool:
+    """True where bf16 matrix products are fast: a CUDA device with bf16, or a CPU with avx512_bf16 or AMX."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _float_dtype(model: Any) -> torch.dtype:
+    """The dtype most of the model's floating-point weights are stored in."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def resolve_generation_dtype(setting: str | None, model: Any) -> torch.dtype | None:
+    """The dtype to generate in, or None for the model's own. "auto": bf16 for a float32 model on fast-bf16
+    hardware; a model already stored in half precision keeps its dtype (never cast fp16 to bf16)."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        from .forward import model_device
+
+        return torch.bfloat16 if _float_dtype(model) == torch.float32 and fast_bf16(model_device(model)) else None
+    if setting not in _DTYPE_NAMES:
+        raise SafesteerError(f"unknown generation dtype '{setting}'; use one of: {', '.join(GENERATION_DTYPES)}")
+    return _DTYPE_NAMES[setting]
+
+
+def effective_dtype_name(setting: str | None, model: Any) -> str:
+    """What `setting` means for this model, as a name: "bfloat16" or "float32" (recorded with the outputs)."""
+    dtype = resolve_generation_dtype(setting, model) or _float_dtype(model)
+    return str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def generation_precision(model: Any, dtype: torch.dtype | str | None):
+    """Run the model's floating-point parameters in `dtype` inside the block, exactly restored afterwards.
+
+    Casts in place (`param.data`), so the module objects, and every hook or adapter switch bound to
+    them, stay the same; tied weights are cast once. Buffers (rotary frequencies) keep their dtype, as
+    loading a model in bf16 leaves them. A no-op when nothing needs casting. Not for sharded (FSDP/ZeRO)
+    weights. Peak memory: the original weights plus their cast copy. Yields whether anything was cast.
+    """
+    if isinstance(dtype, str):
+        dtype = _DTYPE_NAMES.get(dtype) or resolve_generation_dtype(dtype, model)
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    seen: set[int] = set()
+    if dtype is not None:
+        for p in model.parameters():
+            if id(p) in seen or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            seen.add(id(p))
+            saved.append((p, p.data))
+    try:
+        with torch.no_grad():
+            for p, data in saved:
+                p.data = data.to(dtype)
+        yield bool(saved)  # True when something was cast
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 64  # the paper's evaluation length
@@ -29,6 +127,14 @@ class GenerationConfig:
     batch_size: int = 8
     seed: int = 0
     num_samples: int = 1  # completions per prompt (sampled runs)
+    # Weights' dtype while generating: None = the model's own, "auto" / "float32" / "bfloat16" (see the
+    # module docstring). `generate_responses` records the resolved name ("bfloat16", "float32").
+    dtype: str | None = None
+    # Greedy answers: "continuous" batching (`greedy_continuous`: finished rows make room for waiting
+    # prompts) or "generate" (transformers' generate on fixed batches, which step until the longest
+    # answer ends). Sampled runs always use "generate". Models whose cache is not a plain per-layer
+    # key/value cache fall back to "generate".
+    engine: str = "continuous"
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -39,6 +145,17 @@ class GenerationConfig:
             raise SafesteerError("num_samples > 1 needs sampling; pass --sample (greedy gives identical copies)")
         if self.do_sample and self.temperature <= 0:
             raise SafesteerError("temperature must be > 0 when sampling")
+        if self.engine not in ("continuous", "generate"):
+            raise SafesteerError(f"unknown generation engine '{self.engine}'; use continuous or generate")
+        if self.dtype is not None and self.dtype != "auto" and self.dtype not in _DTYPE_NAMES:
+            raise SafesteerError(f"unknown generation dtype '{self.dtype}'; use one of: {', '.join(GENERATION_DTYPES)}")
+
+    def resolved(self, model: Any) -> "GenerationConfig":
+        """This config with `dtype` made concrete for `model` ("bfloat16" or "float32"), so that keys and
+        recorded settings say what actually ran."""
+        from dataclasses import replace
+
+        return replace(self, dtype=effective_dtype_name(self.dtype, model))
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -76,16 +193,27 @@ def generate_batch(model: Any, tokenizer: Any, formatted: list[str], config: Gen
     Returns sequences [B, P+N], prompt_len P, the completion mask [B, N], decoded responses and the
     number of completion tokens each.
     """
+    from .sampling import active_row_sampler
+
     eot_ids = list(eot_ids or end_of_turn_ids(tokenizer, model))
     device = model_device(model)
     enc = tokenizer(formatted, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eot_ids)
-    if config.do_sample:
+    row_sampler = active_row_sampler(model) if config.do_sample else None
+    if row_sampler is not None:
+        # Per-row seeded sampling (core.sampling.seeded_sampling): the processor draws each row's token
+        # from its own stream and leaves only that token, so the greedy pick is the sample.
+        from transformers import LogitsProcessorList
+
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                      logits_processor=LogitsProcessorList([row_sampler]))
+    elif config.do_sample:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=0)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    with (context() if context else contextlib.nullcontext()):
+    with generation_precision(model, resolve_generation_dtype(config.dtype, model)), \
+            (context() if context else contextlib.nullcontext()):
         sequences = model.generate(**enc, **kwargs)
     prompt_len = enc["input_ids"].shape[1]
     mask = completion_mask(sequences, prompt_len, eot_ids)
@@ -113,6 +241,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: list[Prompt], config
     """
     if not prompts:
         raise SafesteerError("no prompts to generate for")
+    config = config.resolved(model)  # the dtype that runs, by name: part of the key and of the recorded settings
     key = config.key()
     settings = asdict(config) | (extra or {})
     done: dict[tuple[str, int], dict] = {}
@@ -126,6 +255,163 @@ def generate_responses(model: Any, tokenizer: Any, prompts: list[Prompt], config
     lengths = {p.uid: len(tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p, _ in todo}
     todo.sort(key=lambda item: lengths[item[0].uid])
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="resp")
+    t0 = time.time()
+    with generation_precision(model, config.dtype if todo else None):  # cast once for all batches
+        new_tokens = _generate_todo(model, tokenizer, todo, config, key, settings, done, eot_ids, context, out_path, bar)
+    bar.close()
+    stats = GenerationStats(generated=len(todo), new_tokens=new_tokens, seconds=time.time() - t0)
+    return [done[(p.uid, s)] for p in prompts for s in range(config.num_samples)], stats
+
+
+class _Unsupported(Exception):
+    """The model's KV cache is not a plain per-layer key/value cache: use transformers' generate."""
+
+
+def _plain_layers(cache: Any) -> list:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        raise _Unsupported(type(cache).__name__)
+    return layers
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    if width == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = width
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+@torch.no_grad()
+def greedy_continuous(model: Any, tokenizer: Any, formatted: Sequence[str], max_new_tokens: int, batch_size: int,
+                      eot_ids: Sequence[int], on_done: Callable[[int, list[int], bool], None]) -> None:
+    """Greedy decoding with continuous batching: finished rows leave the batch and waiting prompts take
+    their places, so the batch stays full instead of stepping on until its longest answer ends.
+
+    Each prompt's answer is exactly what greedy `generate` gives it (same tokens up to rounding of the
+    batched arithmetic, which in float32 does not change an argmax in practice). `on_done(i, ids,
+    finished)` is called when prompt i is done: its completion ids up to and including the first
+    end-of-turn token (finished True), or max_new_tokens ids. Positions count real tokens only, so
+    rows padded to different widths share the cache; an all-padding prefix of the cache is dropped as
+    rows leave. Raises _Unsupported, before any on_done call, for caches other than transformers'
+    plain DynamicCache (sliding-window or recurrent layers).
+    """
+    from collections import deque
+
+    from .forward import positions_from_mask
+
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eot_set = {int(t) for t in eot_ids}
+    ids_of = [tokenizer(f, add_special_tokens=False)["input_ids"] for f in formatted]
+    pending = deque(range(len(formatted)))
+    refill_at = max(1, batch_size // 4)  # admit new prompts once this many places are free
+    rows: list[int] = []  # prompt index of each active row
+    outs: list[list[int]] = []
+    cache = mask = last = pos = None  # cache holds every token before `last`; mask covers the cache's columns
+
+    def admit(take: list[int]) -> None:
+        nonlocal cache, mask, last, pos
+        width = max(len(ids_of[i]) for i in take)
+        ids = torch.full((len(take), width), pad, dtype=torch.long)
+        m = torch.zeros((len(take), width), dtype=torch.long)
+        for r, i in enumerate(take):
+            ids[r, width - len(ids_of[i]):] = torch.tensor(ids_of[i])
+            m[r, width - len(ids_of[i]):] = 1
+        ids, m = ids.to(device), m.to(device)
+        out = model(input_ids=ids, attention_mask=m, position_ids=positions_from_mask(m), use_cache=True,
+                    logits_to_keep=1)
+        new_layers = _plain_layers(out.past_key_values)
+        first = out.logits[:, -1].argmax(-1)
+        new_pos = m.sum(1)
+        if cache is None:
+            cache, mask, last, pos = out.past_key_values, m, first, new_pos
+        else:
+            t_old, t_new = mask.shape[1], m.shape[1]
+            width = max(t_old, t_new)
+            for old_layer, new_layer in zip(_plain_layers(cache), new_layers):
+                for name in ("keys", "values"):
+                    merged = torch.cat([_left_pad(getattr(old_layer, name), width - t_old, -2),
+                                        _left_pad(getattr(new_layer, name), width - t_new, -2)], dim=0)
+                    setattr(old_layer, name, merged)
+            mask = torch.cat([_left_pad(mask, width - t_old, 1), _left_pad(m, width - t_new, 1)], dim=0)
+            last, pos = torch.cat([last, first]), torch.cat([pos, new_pos])
+        rows.extend(take)
+        outs.extend([t] for t in first.tolist())
+
+    def retire() -> None:
+        nonlocal cache, mask, last, pos
+        done = {r for r, o in enumerate(outs) if o[-1] in eot_set or len(o) >= max_new_tokens}
+        if not done:
+            return
+        for r in sorted(done):
+            on_done(rows[r], outs[r], outs[r][-1] in eot_set)
+        keep = [r for r in range(len(rows)) if r not in done]
+        rows[:], outs[:] = [rows[r] for r in keep], [outs[r] for r in keep]
+        if not keep:
+            cache = mask = last = pos = None
+            return
+        index = torch.tensor(keep, device=device)
+        mask, last, pos = mask[index], last[index], pos[index]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # columns no remaining row attends to
+        for layer in _plain_layers(cache):
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        mask = mask[:, start:]
+
+    while pending or rows:
+        free = batch_size - len(rows)
+        if pending and (not rows or free >= refill_at):
+            admit([pending.popleft() for _ in range(min(free, len(pending)))])
+            retire()  # an answer can end with its first token
+            continue
+        step_mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        out = model(input_ids=last[:, None], attention_mask=step_mask, position_ids=pos[:, None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        mask, last, pos = step_mask, out.logits[:, -1].argmax(-1), pos + 1
+        for o, t in zip(outs, last.tolist()):
+            o.append(t)
+        retire()
+
+
+def _generate_continuous(model, tokenizer, todo, config, key, settings, done, eot_ids, context, out_path, bar) -> int:
+    """Greedy answers for `todo` with `greedy_continuous`; rows are appended to the output as they finish."""
+    state = {"tokens": 0, "t0": time.time()}
+    finished_rows: list[dict] = []
+
+    def on_done(i: int, ids: list[int], finished: bool) -> None:
+        p, s = todo[i]
+        text = tokenizer.decode([t for t in ids if t not in eot_ids], skip_special_tokens=True)
+        row = {"prompt": p.text, "prompt_uid": p.uid, "sample": s, "source": p.source, "category": p.category,
+               "response": text, "n_tokens": len(ids), "finished": finished, "settings_key": key, "settings": settings}
+        done[(p.uid, s)] = row
+        finished_rows.append(row)
+        state["tokens"] += len(ids)
+        if len(finished_rows) >= max(1, config.batch_size // 4):
+            flush()
+
+    def flush() -> None:
+        if out_path is not None and finished_rows:
+            append_jsonl(out_path, finished_rows)
+        bar.update(len(finished_rows))
+        bar.set_postfix(tok_s=f"{state['tokens'] / max(time.time() - state['t0'], 1e-9):.1f}")
+        finished_rows.clear()
+
+    with (context() if context else contextlib.nullcontext()):
+        greedy_continuous(model, tokenizer, format_prompts(tokenizer, [p.text for p, _ in todo]), config.max_new_tokens,
+                          config.batch_size, eot_ids, on_done)
+    flush()
+    return state["tokens"]
+
+
+def _generate_todo(model, tokenizer, todo, config, key, settings, done, eot_ids, context, out_path, bar) -> int:
+    if not config.do_sample and config.engine == "continuous":
+        try:
+            return _generate_continuous(model, tokenizer, todo, config, key, settings, done, eot_ids, context,
+                                        out_path, bar)
+        except _Unsupported:
+            pass  # nothing was generated yet: transformers' generate below
     new_tokens, t0 = 0, time.time()
     for start in range(0, len(todo), config.batch_size):
         batch = todo[start: start + config.batch_size]
@@ -144,6 +430,4 @@ def generate_responses(model: Any, tokenizer: Any, prompts: list[Prompt], config
         new_tokens += sum(out["n_tokens"])
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - t0, 1e-9):.1f}")
-    bar.close()
-    stats = GenerationStats(generated=len(todo), new_tokens=new_tokens, seconds=time.time() - t0)
-    return [done[(p.uid, s)] for p in prompts for s in range(config.num_samples)], stats
+    return new_tokens

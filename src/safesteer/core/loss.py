@@ -30,6 +30,10 @@ _LOG_FLOOR = -1e4
 
 _STAT_KEYS = ("student_s_mass", "teacher_s_mass", "student_entropy", "sampled_kl")
 
+# Checkpoint a lone chunk too (the behaviour before issue #11); only benchmarks/bench_step.py sets it,
+# to time the previous code path.
+CHECKPOINT_SINGLE_CHUNK = False
+
 
 @dataclass
 class DistillationOutput:
@@ -147,6 +151,8 @@ def distillation_loss(
     variant: str = "localized",
     chunk_size: int = 64,
     target_ids: Tensor | None = None,
+    sequence_weights: Tensor | None = None,
+    position_weights: Tensor | None = None,
 ) -> DistillationOutput:
     """Distillation loss of the student towards the teacher, chunked over positions.
 
@@ -164,13 +170,21 @@ def distillation_loss(
     over the whole vocabulary.
 
     Memory: a chunk scores up to B * chunk_size valid positions, so the peak is one [B, chunk_size, V]
-    slab of logits, forward and backward. The student chunk is checkpointed, i.e. its head runs
-    again during backward. For "full_reverse" the teacher head is re-run in backward too (its
-    full distribution is needed there and storing it would cost [B, T, V]), so teacher_head must
+    slab of logits, forward and backward. With more than one chunk the student chunk is
+    checkpointed, i.e. its head runs again during backward; when every valid position fits in one
+    chunk nothing would be freed between chunks, so it is not (same loss and gradients, one head
+    pass fewer, that chunk's intermediates kept for backward). For "full_reverse" the teacher head is
+    re-run in backward too (its full distribution is needed there and storing it would cost [B, T, V]), so teacher_head must
     not depend on a context, such as a disabled adapter, that ends before backward.
 
     If no position is valid, the loss is a zero connected to student_hidden, so backward still
     runs (and gives zero gradients); per_sequence and stats are then NaN.
+
+    Weights (beyond the paper; None = all 1, which is exactly the method's reduction): with [B]
+    sequence_weights w and [B, T] position_weights v the loss is
+    sum_b w_b (sum_t v_bt L_bt / sum_t m_bt) / sum_b w_b over the sequences with valid positions,
+    so v scales positions without changing the per-sequence normaliser; per_sequence holds the
+    v-weighted means.
     """
     _check_inputs(student_hidden, teacher_hidden, safety_ids, mask, variant, chunk_size, target_ids)
     batch, length, _ = student_hidden.shape
@@ -260,7 +274,7 @@ def distillation_loss(
             del t_logits, t_lse
         h = s_hidden.index_select(0, pos)
         th_arg = th if variant == "full_reverse" else empty
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (n_valid > rows or CHECKPOINT_SINGLE_CHUNK):
             loss, s_mass, entropy, logp_target = checkpoint(
                 student_chunk, h, lt, lt_rest, th_arg, tgt, use_reentrant=False
             )
@@ -273,6 +287,9 @@ def distillation_loss(
             sums["sampled_kl"] += (logp_target - t_logp_target.to(logp_target.dtype)).sum()
 
     losses = torch.cat(token_loss)
+    if position_weights is not None:
+        v = _weights(position_weights, (batch, length), "position_weights", device, losses.dtype)
+        losses = losses * v.reshape(-1).index_select(0, flat_pos)
     seq_sum = torch.zeros(batch, dtype=losses.dtype, device=device).index_add(0, seq_of_pos, losses)
     has_tokens = counts > 0
     seq_mean = seq_sum[has_tokens] / counts[has_tokens].to(losses.dtype)
@@ -282,4 +299,19 @@ def distillation_loss(
     stats = {k: float(v) / n_valid for k, v in sums.items()}
     if target_ids is None:
         del stats["sampled_kl"]
-    return DistillationOutput(loss=seq_mean.mean(), per_sequence=per_sequence, stats=stats)
+    if sequence_weights is None:
+        loss = seq_mean.mean()
+    else:
+        w = _weights(sequence_weights, (batch,), "sequence_weights", device, losses.dtype)[has_tokens]
+        loss = (w * seq_mean).sum() / w.sum()
+    return DistillationOutput(loss=loss, per_sequence=per_sequence, stats=stats)
+
+
+def _weights(weights: Tensor, shape: tuple, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Loss weights checked for shape and sign, on the loss's device and dtype."""
+    if tuple(weights.shape) != shape:
+        raise SafesteerError(f"{name} shape {tuple(weights.shape)} must be {shape}")
+    weights = weights.detach().to(device=device, dtype=dtype)
+    if not bool((weights >= 0).all()):
+        raise SafesteerError(f"{name} must be >= 0")
+    return weights

@@ -1,8 +1,8 @@
 """Where the randomness of a run comes from: per-row seeded sampling and per-step seeds.
 
     seeds = rollout_seeds(seed, positions, per_prompt=8)     # one stream per completion
-    with plain_sampling(model), seeded_sampling(model, seeds, temperature, top_p):
-        model.generate(..., do_sample=True)                  # row i draws from its own stream
+    with seeded_sampling(model, seeds, temperature, top_p):
+        sample_rollouts(model, ...)                          # row i draws from its own stream
     step_seed(seed, step)                                    # python/numpy/torch before a training step
 
 Rollouts are seeded per completion: completion g of the prompt at data-order position i uses its
@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
+from transformers import LogitsProcessor
 
 from ..errors import SafesteerError
 from ..parallel import rank, synced_generation
@@ -57,59 +58,84 @@ def rollout_seeds(seed: int, positions: Sequence[int], per_prompt: int) -> list[
     return [rollout_seed(seed, p, g) for p in positions for g in range(per_prompt)]
 
 
-def _gumbel_choice(logits: torch.Tensor, generators: Sequence[torch.Generator], temperature: float,
-                   top_p: float) -> torch.Tensor:
-    """One token per row, drawn from softmax(logits / T) restricted to the top-p nucleus, by Gumbel-max.
+def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """-inf outside the top-p nucleus, as transformers' top-p warper keeps it: the smallest set of most
+    probable tokens whose mass reaches top_p (at least one token)."""
+    sorted_scores, order = torch.sort(scores, dim=-1)
+    mass = sorted_scores.softmax(-1).cumsum(-1)
+    drop = mass <= 1 - top_p
+    drop[..., -1] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
-    argmax(log p + G) with G ~ Gumbel(0, 1) is an exact sample of p. Each row's noise comes from its
-    own generator, so a row's draw does not depend on the other rows of the batch. The nucleus is the
-    one transformers' top-p warper keeps: the smallest set of most probable tokens whose mass reaches
-    top_p (at least one token).
+
+def _inverse_cdf_choice(logits: torch.Tensor, generators: Sequence[torch.Generator], temperature: float,
+                        top_p: float) -> torch.Tensor:
+    """One token per row, drawn from softmax(logits / T) restricted to the top-p nucleus, by inverse CDF.
+
+    Row i draws one uniform u from its own generator and takes the first token whose cumulative
+    probability exceeds u * total, an exact sample of the row's distribution that does not depend on
+    the other rows of the batch. Float64 cumulative sums: with 150k tokens float32 rounding of the
+    running sum would shift the boundaries by ~1e-3 relative; a zero-probability token is never drawn
+    (its cumulative value equals its predecessor's, and the first value > u wins).
     """
-    scores = logits.double() / temperature  # float64 noise: float32 would cut off the Gumbel tail near 17
+    scores = logits.double() / temperature
     if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1)
-        mass = sorted_scores.softmax(-1).cumsum(-1)
-        drop = mass <= 1 - top_p
-        drop[..., -1] = False
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    noise = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device, dtype=torch.float64)
-                         for g in generators])
-    gumbel = -torch.log(-torch.log(noise))  # u = 0 gives -inf: that token is simply never drawn
-    return (scores + gumbel).argmax(-1)
+        scores = _nucleus(scores, top_p)
+    cdf = scores.softmax(-1).cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g, device=scores.device, dtype=torch.float64) for g in generators])
+    total = cdf[:, -1]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # u * total < total
+    return torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+
+
+class RowSampler(LogitsProcessor):
+    """A transformers logits processor that samples row i from its own stream seeded with seeds[i].
+
+    It draws each row's next token (`_inverse_cdf_choice`, at the given temperature and nucleus) and
+    returns scores that keep only that token, so generation run greedily emits exactly the sample.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_p: float = 1.0):
+        self.seeds, self.temperature, self.top_p = list(seeds), temperature, top_p
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.seeds):
+            raise SafesteerError(f"seeded sampling got {scores.shape[0]} rows but {len(self.seeds)} seeds")
+        if not self.generators:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        chosen = _inverse_cdf_choice(scores, self.generators, self.temperature, self.top_p)
+        onehot = torch.full_like(scores, float("-inf"))
+        return onehot.scatter_(-1, chosen[:, None], 0.0)
+
+
+_ACTIVE: dict[int, RowSampler] = {}  # id of the unwrapped model -> its sampler inside `seeded_sampling`
+
+
+def active_row_sampler(model: Any) -> RowSampler | None:
+    """The sampler `seeded_sampling` installed for this model, if any (read by `core.generation.generate_batch`)."""
+    return _ACTIVE.get(id(unwrap_model(model)))
 
 
 @contextmanager
 def seeded_sampling(model: Any, seeds: Sequence[int], temperature: float = 1.0, top_p: float = 1.0) -> Iterator[None]:
-    """Make `model.generate(do_sample=True)` sample row i from its own stream seeded with seeds[i].
+    """Make sampled generation through `core.generation.generate_batch` draw row i from its own stream
+    seeded with seeds[i].
 
-    A forward hook on the causal LM draws each row's next token (`_gumbel_choice`) and hands
-    `generate` logits that put all the mass on it, so the sampler that follows can only pick that
-    token. The distribution is unchanged (same temperature and nucleus); what changes is that the
-    randomness belongs to the row, not to the batch. Used around `train.rollout.sample_rollouts`.
+    Installs a `RowSampler` for the model; `generate_batch` passes it to `generate` as a logits
+    processor and decodes greedily, so each step's token is the row's own sample. The distribution is
+    unchanged (same temperature and nucleus); what changes is that the randomness belongs to the row,
+    not to the batch. Used around `train.rollout.sample_rollouts`. Fresh streams on every entry.
     """
-    base = unwrap_model(model)
-    seeds = list(seeds)
-    generators: list[torch.Generator] = []
-
-    def hook(_module, _args, output):
-        logits = output.logits[:, -1]
-        if logits.shape[0] != len(seeds):
-            raise SafesteerError(f"seeded sampling got {logits.shape[0]} rows but {len(seeds)} seeds")
-        if not generators:
-            generators.extend(torch.Generator(device=logits.device).manual_seed(s) for s in seeds)
-        chosen = _gumbel_choice(logits, generators, temperature, top_p)
-        onehot = torch.full_like(logits, float("-inf"))
-        onehot.scatter_(-1, chosen[:, None], 0.0)
-        output.logits = onehot[:, None, :]
-        return output
-
-    handle = base.register_forward_hook(hook)
+    key = id(unwrap_model(model))
+    if key in _ACTIVE:
+        raise SafesteerError("seeded_sampling is already active for this model")
+    _ACTIVE[key] = RowSampler(seeds, temperature, top_p)
     try:
         with synced_generation(model):
             yield
     finally:
-        handle.remove()
+        _ACTIVE.pop(key, None)
 
 
 @contextmanager

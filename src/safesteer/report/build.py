@@ -3,22 +3,25 @@
     safesteer report runs/demo                  # -> runs/demo/report.html
     write_report("runs/demo")                   # what `safesteer align` calls at its end
 
-Every figure is drawn with matplotlib from the JSON artifacts (`figures.py`) and embedded as a base64
-PNG data URI; the CSS is inline; there is no script and no external reference (a Content-Security-Policy
-forbids any), so the file opens from disk, offline, and can be attached to an issue or a mail.
-Stages are often run separately, so each section draws what its artifact allows and otherwise says
-which artifact is missing.
+Only artifacts are read, no model is run. Each section is described as data: a list of blocks (a
+table, a figure, a note, a missing artifact, blocks side by side, ...; see `Block`), and the Jinja2
+template templates/report.html.j2 turns them into markup, escaping every value (autoescape), so no text
+from a run (responses, prompts, token strings) can become markup. Every figure is drawn with
+matplotlib from the JSON artifacts (`figures.py`) and embedded as a base64 PNG data URI; the CSS is
+inline; there is no script and no external reference (a Content-Security-Policy forbids any), so the
+file opens from disk, offline, and can be attached to an issue or a mail. Stages are often run
+separately, so each section draws what its artifact allows and otherwise says which artifact is missing.
 
 Sections: configuration, refusal direction, safety tokens, training, before/after evaluation,
 representation shift, sample responses. The representation shift needs the models themselves, so
-`representation.representation_shift` computes it while they are loaded and writes
-representation.json, which the report only plots.
+`representation.representation_shift` computes it while they are loaded (`safesteer align` does, in its
+summary) and writes representation.json, which the report only plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +35,8 @@ from .figures import (REFUSAL_RATE_KEYS, as_float, candidate_rows, first_key, pl
 from .representation import REPRESENTATION_NAME
 
 REPORT_NAME = "report.html"
+TEMPLATE = "report.html.j2"
+BLOCKS_TEMPLATE = "blocks.html.j2"  # the macros that draw a block; report.html.j2 imports them
 
 # (id, title) in page order; the ids are stable anchors (the browser test looks for them).
 SECTIONS = (
@@ -45,19 +50,65 @@ SECTIONS = (
 )
 
 
-class _Raw(str):
-    """HTML that is already safe (built here from escaped parts); everything else gets escaped."""
+@functools.cache
+def template_environment():
+    """The Jinja2 environment of the report and the model card: HTML templates (*.html.j2) autoescape every
+    value; the markdown model card (*.md.j2) does not. Undefined names are errors, not blanks."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("safesteer.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html.j2"], default_for_string=False),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    # A value in a markdown table cell: one line, and a "|" does not end the cell.
+    env.filters["md_cell"] = lambda value: " ".join(str(value).split()).replace("|", "\\|")
+    return env
 
 
-def _esc(value: Any) -> str:
-    if isinstance(value, _Raw):
-        return value
-    return html.escape("" if value is None else str(value), quote=True)
+# ----------------------------------------------------------------------------- blocks
+
+# A section is a list of blocks; a block is a dict with a "kind" that blocks.html.j2 knows how to draw:
+#   table    headers (or None), rows (cells: a plain value, or a block), cls
+#   figure   src (a data URI), alt, caption
+#   titled   title, blocks                 row       blocks, side by side (`side_by_side`)
+#   details  summary, blocks (folded)      note      text, marked (a word shown highlighted before it)
+#   missing  artifact, hint                failed    error (a section that could not be built)
+#   prompt   text, set                     response  refused (True / False / None), segments, note
+# A response's segments are (text, token id or None): the template marks the tokens of S.
+Block = dict
 
 
-def _missing(artifact: str, hint: str = "") -> _Raw:
-    extra = f" ({_esc(hint)})" if hint else ""
-    return _Raw(f'<p class="missing">not available: {_esc(artifact)} missing{extra}</p>')
+def missing(artifact: str, hint: str = "") -> Block:
+    return {"kind": "missing", "artifact": artifact, "hint": hint}
+
+
+def note(text: str, marked: str = "") -> Block:
+    return {"kind": "note", "text": text, "marked": marked}
+
+
+def table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], cls: str = "") -> Block:
+    return {"kind": "table", "headers": list(headers) if headers else None, "rows": [list(r) for r in rows], "cls": cls}
+
+
+def kv_table(pairs: Iterable[tuple[str, Any]]) -> Block:
+    return table(None, ((k, v if isinstance(v, dict) else _fmt(v)) for k, v in pairs if v is not None), "kv")
+
+
+def side_by_side(*blocks: Block | None) -> Block:
+    """Blocks side by side (wrapping on narrow windows), so short tables do not each take a full line."""
+    return {"kind": "row", "blocks": [b for b in blocks if b]}
+
+
+def titled(title: str, *blocks: Block | None) -> Block:
+    return {"kind": "titled", "title": title, "blocks": [b for b in blocks if b]}
+
+
+def details(summary: str, *blocks: Block) -> Block:
+    return {"kind": "details", "summary": summary, "blocks": list(blocks)}
+
+
+def figure(fig: Any, alt: str, caption: str = "") -> Block:
+    return {"kind": "figure", "src": png_data_uri(fig), "alt": alt, "caption": caption}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -80,38 +131,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], cls: str = "") -> _Raw:
-    out = [f'<table class="{_esc(cls)}">' if cls else "<table>"]
-    if headers:
-        out.append("<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in headers) + "</tr></thead>")
-    out.append("<tbody>")
-    for row in rows:
-        out.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>")
-    out.append("</tbody></table>")
-    return _Raw("".join(out))
-
-
-def _kv_table(pairs: Iterable[tuple[str, Any]]) -> _Raw:
-    return _table(None, ((k, v if isinstance(v, _Raw) else _fmt(v)) for k, v in pairs if v is not None), "kv")
-
-
-def _row(*blocks: Any) -> _Raw:
-    """Blocks side by side (wrapping on narrow windows), so short tables do not each take a full line."""
-    inner = "".join(f'<div>{b if isinstance(b, _Raw) else _esc(b)}</div>' for b in blocks if b)
-    return _Raw(f'<div class="row">{inner}</div>')
-
-
-def _titled(title: str, *parts: Any) -> _Raw:
-    return _Raw(f"<h3>{_esc(title)}</h3>" + "".join(p if isinstance(p, _Raw) else _esc(p) for p in parts))
-
-
-def _pct(rate: float | None) -> str:
+def percent(rate: float | None) -> str:
+    """A rate in [0, 1] as "57.8%"; "–" when there is none."""
     return "–" if rate is None or (isinstance(rate, float) and math.isnan(rate)) else f"{100 * rate:.1f}%"
-
-
-def _img(fig, alt: str, caption: str = "") -> _Raw:
-    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return _Raw(f'<figure><img src="{png_data_uri(fig)}" alt="{_esc(alt)}">{cap}</figure>')
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -204,9 +226,9 @@ def section_configuration(run: RunArtifacts) -> list[Any]:
     if identity:
         rows = [(k, identity[k]) for k in _IDENTITY_KEYS if k in identity]
         rows += [(k, v) for k, v in identity.items() if k not in _IDENTITY_KEYS and k != "path" and not isinstance(v, dict)]
-        model_block = _titled("Model", _kv_table(rows))
+        model_block = titled("Model", kv_table(rows))
     else:
-        model_block = _titled("Model", _missing("model identity",
+        model_block = titled("Model", missing("model identity",
                                                 "in direction.json, safety_tokens.json, model/safesteer.json or "
                                                 "eval/results.json"))
 
@@ -230,8 +252,8 @@ def section_configuration(run: RunArtifacts) -> list[Any]:
     for name, model, rate in _eval_rate_rows(run):
         if model == first_model:
             data_rows.append((f"evaluation: {name}", rate.get("n"), ""))
-    data_block = _titled("Data", _table(("set", "prompts", "sha256 (first 12)"), data_rows) if data_rows
-                         else _missing("prompt counts", "no stage artifact present"))
+    data_block = titled("Data", table(("set", "prompts", "sha256 (first 12)"), data_rows) if data_rows
+                         else missing("prompt counts", "no stage artifact present"))
 
     timing_rows = []
     if run.timings:
@@ -258,25 +280,25 @@ def section_configuration(run: RunArtifacts) -> list[Any]:
             total = sum(float(r.get("time_step_s") or 0.0) for r in run.metrics)
             timing_rows.append(("training (sum of steps)", _seconds(total), f"{len(run.metrics)} steps"))
     if run.timings:
-        timing_block = _titled("Wall-clock per stage", _table(("stage", "wall-clock", "notes"), timing_rows))
+        timing_block = titled("Wall-clock per stage", table(("stage", "wall-clock", "notes"), timing_rows))
     elif timing_rows:
-        timing_block = _titled("Wall-clock per stage", _missing("timings.json", "times below come from the stages"),
-                               _table(("stage", "wall-clock", "notes"), timing_rows))
+        timing_block = titled("Wall-clock per stage", missing("timings.json", "times below come from the stages"),
+                               table(("stage", "wall-clock", "notes"), timing_rows))
     else:
-        timing_block = _titled("Wall-clock per stage", _missing("timings.json"))
+        timing_block = titled("Wall-clock per stage", missing("timings.json"))
 
-    parts: list[Any] = [_row(model_block, data_block, timing_block)]
+    parts: list[Any] = [side_by_side(model_block, data_block, timing_block)]
     if run.run_record and isinstance(run.run_record.get("config"), dict):
         cfg = run.run_record["config"]
         keys = [k for k in _CONFIG_KEYS_FIRST if k in cfg] + [k for k in cfg if k not in _CONFIG_KEYS_FIRST]
         per_column = math.ceil(len(keys) / 3) or 1
-        columns = [_kv_table((k, cfg[k]) for k in keys[i: i + per_column]) for i in range(0, len(keys), per_column)]
-        parts.append(_titled("Training configuration", _row(*columns)))
+        columns = [kv_table((k, cfg[k]) for k in keys[i: i + per_column]) for i in range(0, len(keys), per_column)]
+        parts.append(titled("Training configuration", side_by_side(*columns)))
         versions = run.run_record.get("versions")
         if isinstance(versions, dict):
-            parts.append(_Raw('<p class="note">versions: ' + _esc(_fmt(versions)) + "</p>"))
+            parts.append(note("versions: " + _fmt(versions)))
     else:
-        parts.append(_titled("Training configuration", _missing("model/safesteer.json", "written when training finishes")))
+        parts.append(titled("Training configuration", missing("model/safesteer.json", "written when training finishes")))
     return parts
 
 
@@ -305,7 +327,7 @@ def _reason_kind(reason: str) -> str:
 def section_direction(run: RunArtifacts) -> list[Any]:
     d = run.direction
     if d is None:
-        return [_missing("direction.json", "run `safesteer direction --out RUN_DIR` or `safesteer align`")]
+        return [missing("direction.json", "run `safesteer direction --out RUN_DIR` or `safesteer align`")]
     candidates = candidate_rows(d.get("candidates") or [])
     chosen = next((c for c in candidates if c["chosen"]), None)
     scores = d.get("scores") or ({k: chosen[k] for k in ("bypass", "induce", "kl")} if chosen else {})
@@ -318,7 +340,7 @@ def section_direction(run: RunArtifacts) -> list[Any]:
             ("KL score", scores.get("kl"))]
     if d.get("refusal_tokens"):
         rows.append(("refusal tokens R", ", ".join(repr(t) for t in d["refusal_tokens"])))
-    blocks: list[Any] = [_titled("Choice", _kv_table(rows))]
+    blocks: list[Any] = [titled("Choice", kv_table(rows))]
 
     if candidates:
         excluded = [c for c in candidates if c["reason"]]
@@ -334,30 +356,30 @@ def section_direction(run: RunArtifacts) -> list[Any]:
             rows.append(("bypass only (ranked after the choice, KL/induce not needed)", len(partial)))
         if unscored:
             rows.append(("not scored", len(unscored)))
-        blocks.append(_titled("Candidates", _table(("", "count"), rows)))
+        blocks.append(titled("Candidates", table(("", "count"), rows)))
         best = sorted((c for c in candidates if not math.isnan(c["bypass"])), key=lambda c: c["bypass"])[:8]
-        blocks.append(_titled("Lowest bypass scores", _table(
+        blocks.append(titled("Lowest bypass scores", table(
             ("layer", "position", "bypass", "induce", "KL", "status"),
             ((c["layer"], c["position"], _fmt(c["bypass"]), _fmt(c["induce"]), _fmt(c["kl"]),
               "chosen" if c["chosen"] else (c["reason"] or "")) for c in best))))
     data_block = _direction_inputs(d)
     if data_block:
         blocks.append(data_block)
-    parts: list[Any] = [_row(*blocks)]
+    parts: list[Any] = [side_by_side(*blocks)]
     if candidates:
         config = d.get("config") or {}
         fig = plot_direction_scores(candidates, d.get("n_layers"), config.get("max_layer_frac", 0.8),
                                     d.get("induce_threshold_used", config.get("induce_threshold", 0.0)),
                                     config.get("kl_threshold", 0.1), d.get("post_instruction_tokens"))
         cut = (d.get("config") or {}).get("max_layer_frac", 0.8)
-        parts.append(_img(fig, f"Heatmaps of bypass, induce and KL scores over layer and position for "
+        parts.append(figure(fig, f"Heatmaps of bypass, induce and KL scores over layer and position for "
                                f"{len(candidates)} candidate directions; chosen layer {d.get('layer')}, "
                                f"position {d.get('position')}",
                           f"Candidate directions r[position, layer]: grey = not scored, hatched = excluded, red star "
                           f"= chosen, dashed line = the {cut:g} x layers cut-off. Only candidates down to the "
                           f"choice in bypass order need KL and induce scores, so most cells of those panels stay grey."))
     else:
-        parts.append(_missing("candidate scores", "direction.json lists no candidates"))
+        parts.append(missing("candidate scores", "direction.json lists no candidates"))
     return parts
 
 
@@ -367,7 +389,7 @@ def _with_baseline(value: Any, baseline: Any) -> str:
     return _fmt(value) + (f" (without steering: {_fmt(baseline)})" if baseline is not None else "")
 
 
-def _direction_inputs(d: dict) -> _Raw | None:
+def _direction_inputs(d: dict) -> Block | None:
     counts = d.get("prompt_counts") or {}
     if not counts:
         return None
@@ -375,11 +397,11 @@ def _direction_inputs(d: dict) -> _Raw | None:
     rows = []
     for name, c in counts.items():
         c = c if isinstance(c, dict) else {"after": c}
-        note = "filter kept too few: all used" if fallback.get(name) else ""
-        rows.append((name, f"{c.get('after', '?')} of {c.get('before', '?')}", note))
+        remark = "filter kept too few: all used" if fallback.get(name) else ""
+        rows.append((name, f"{c.get('after', '?')} of {c.get('before', '?')}", remark))
     if not any(r[2] for r in rows):
-        return _titled("Prompts kept by the refusal filter", _table(("set", "kept"), (r[:2] for r in rows)))
-    return _titled("Prompts kept by the refusal filter", _table(("set", "kept", "note"), rows))
+        return titled("Prompts kept by the refusal filter", table(("set", "kept"), (r[:2] for r in rows)))
+    return titled("Prompts kept by the refusal filter", table(("set", "kept", "note"), rows))
 
 
 # ----------------------------------------------------------------------------- 3. safety tokens
@@ -390,15 +412,15 @@ def section_safety_tokens(run: RunArtifacts) -> list[Any]:
     if data is None:
         if run.run_record and (run.run_record.get("safety_tokens") or {}).get("ids"):
             st = run.run_record["safety_tokens"]
-            return [_missing("safety_tokens.json", "only the ids from model/safesteer.json are known"),
-                    _table(("id", "text"), ((i, repr(t)) for i, t in zip(st["ids"], st.get("texts") or [""] * len(st["ids"]))))]
-        return [_missing("safety_tokens.json", "run `safesteer tokens --out RUN_DIR` or `safesteer align`")]
+            return [missing("safety_tokens.json", "only the ids from model/safesteer.json are known"),
+                    table(("id", "text"), ((i, repr(t)) for i, t in zip(st["ids"], st.get("texts") or [""] * len(st["ids"]))))]
+        return [missing("safety_tokens.json", "run `safesteer tokens --out RUN_DIR` or `safesteer align`")]
     tokens = [t for t in data.get("tokens") or [] if isinstance(t, dict)]
     if not tokens:
-        return [_missing("safety tokens", "safety_tokens.json holds no tokens")]
+        return [missing("safety tokens", "safety_tokens.json holds no tokens")]
     resolved = data.get("resolved") or {}
     cfg = data.get("config") or {}
-    settings = _kv_table([
+    settings = kv_table([
         ("tokens in S", len(tokens)),
         ("selection", f"{cfg.get('method', '?')} by {cfg.get('rank_by', 'delta')}, K'={cfg.get('top_k_per_position', '?')}, "
                       f"M={cfg.get('samples_per_prompt', '?')} samples per prompt"),
@@ -408,18 +430,17 @@ def section_safety_tokens(run: RunArtifacts) -> list[Any]:
         ("eligible tokens", data.get("n_eligible")),
     ])
     examples = [e for e in data.get("examples") or [] if isinstance(e, dict)][:6]
-    example_block = _titled("Steered teacher's first tokens on harmless prompts", _table(
+    example_block = titled("Steered teacher's first tokens on harmless prompts", table(
         ("prompt", "continuation"), ((e.get("prompt", ""), e.get("teacher", "")) for e in examples), "text")
     ) if examples else None
-    parts: list[Any] = [_row(_titled("Selection", settings), example_block)]
+    parts: list[Any] = [side_by_side(titled("Selection", settings), example_block)]
     fig = plot_safety_tokens(data)
-    parts.append(_img(fig, f"Bar chart of votes for the {len(tokens)} safety tokens, with their mean base and "
+    parts.append(figure(fig, f"Bar chart of votes for the {len(tokens)} safety tokens, with their mean base and "
                            f"steered probabilities on a log scale"))
-    parts.append(_Raw("<details><summary>token table</summary>"))
-    parts.append(_table(("#", "id", "token", "votes", "mean p_0", "mean p_t", "mean delta"),
-                        ((n, t.get("id"), repr(t.get("text", "")), t.get("votes"), _fmt(t.get("mean_p0")),
-                          _fmt(t.get("mean_pt")), _fmt(t.get("mean_delta"))) for n, t in enumerate(tokens, 1))))
-    parts.append(_Raw("</details>"))
+    parts.append(details("token table", table(
+        ("#", "id", "token", "votes", "mean p_0", "mean p_t", "mean delta"),
+        ((n, t.get("id"), repr(t.get("text", "")), t.get("votes"), _fmt(t.get("mean_p0")), _fmt(t.get("mean_pt")),
+          _fmt(t.get("mean_delta"))) for n, t in enumerate(tokens, 1)))))
     return parts
 
 
@@ -429,7 +450,7 @@ def section_safety_tokens(run: RunArtifacts) -> list[Any]:
 def section_training(run: RunArtifacts) -> list[Any]:
     metrics = [r for r in run.metrics if isinstance(r, dict)]
     if not metrics:
-        return [_missing("metrics.jsonl", "written by `safesteer align` during training")]
+        return [missing("metrics.jsonl", "written by `safesteer align` during training")]
     parts: list[Any] = []
     first, last = metrics[0], metrics[-1]
     keys = [("loss", ("loss",)), ("student S-mass", ("student_s_mass",)), ("teacher S-mass", ("teacher_s_mass",)),
@@ -441,14 +462,14 @@ def section_training(run: RunArtifacts) -> list[Any]:
         values = [v for v in (as_float(first_key(r, k)) for r in metrics) if not math.isnan(v)]
         if values:
             rows.append((name, _fmt(first_key(first, k)), _fmt(first_key(last, k)), _fmt(sum(values) / len(values))))
-    summary = _table(("metric", f"step {first.get('step', 1)}", f"step {last.get('step', len(metrics))}",
+    summary = table(("metric", f"step {first.get('step', 1)}", f"step {last.get('step', len(metrics))}",
                       f"mean of {len(metrics)} steps"), rows)
     examples = [(r.get("step"), r["example"]) for r in (first, last) if r.get("example")]
-    example_block = _titled("First rollout of the first and last step", _table(
+    example_block = titled("First rollout of the first and last step", table(
         ("step", "rollout (truncated)"), examples, "text")) if examples else None
-    parts.append(_row(_titled("Summary", summary), example_block))
+    parts.append(side_by_side(titled("Summary", summary), example_block))
     fig = plot_training(metrics)
-    parts.append(_img(fig, f"Training curves over {len(metrics)} steps: loss, probability mass on S, rollouts opening "
+    parts.append(figure(fig, f"Training curves over {len(metrics)} steps: loss, probability mass on S, rollouts opening "
                            f"with a refusal, time per step split into rollout, teacher and student, sampled KL and "
                            f"entropy, gradient norm and learning rate"))
     return parts
@@ -593,7 +614,7 @@ def tradeoff_points(view: EvalView) -> tuple[list[dict], TradeoffAxis | None, st
     """One point per model: x = capability, y = safety (mean refusal rate on the harmful sets).
 
     x is the mean of the capability rates; without any, the KL drift from the base (lower = better,
-    axis reversed); without that either, the answer rate on harmless-but-edgy prompts (1 - over-refusal),
+    axis reversed; the base, the drift's reference, at 0); without that either, the answer rate on harmless-but-edgy prompts (1 - over-refusal),
     the other side of the trade-off the evaluation measured. None when the view has none of these.
     """
     def of_kind(kind: str) -> list[str]:
@@ -626,7 +647,8 @@ def tradeoff_points(view: EvalView) -> tuple[list[dict], TradeoffAxis | None, st
                     x = 1 - sum(r["rate"] for r in xs) / len(xs)
                     x_err = (1 - xs[0]["ci_high"], 1 - xs[0]["ci_low"]) if len(xs) == 1 else None
         else:
-            x = view.scalars[drift].get(model)
+            # The drift's reference model is not in its row ("reference"): it sits at 0 by definition.
+            x = view.scalars[drift].get(model, 0.0 if model == view.models[0] else None)
         if not ys or x is None or any(r["rate"] is None for r in ys):
             continue
         y = sum(r["rate"] for r in ys) / len(ys)
@@ -638,46 +660,45 @@ def tradeoff_points(view: EvalView) -> tuple[list[dict], TradeoffAxis | None, st
 def section_evaluation(run: RunArtifacts) -> list[Any]:
     view = evaluation_view(run)
     if view is None:
-        return [_missing("eval/results.json or summary.json",
+        return [missing("eval/results.json or summary.json",
                          "run `safesteer eval` (or `safesteer align` without --skip-eval)")]
-    parts: list[Any] = [_Raw(f'<p class="note">from {_esc(view.source)}'
-                             + (f"; judge: {_esc(view.judge)}" if view.judge else "") + "</p>")]
+    parts: list[Any] = [note(f"from {view.source}" + (f"; judge: {view.judge}" if view.judge else ""))]
     headers = ["metric", "kind"] + view.models
     rows = []
     for metric, by in view.rates.items():
         cells = []
         for model in view.models:
             r = by.get(model)
-            cells.append(f"{_pct(r['rate'])} ({r['k']}/{r['n']}; {_pct(r['ci_low'])}–{_pct(r['ci_high'])})" if r else "–")
+            cells.append(f"{percent(r['rate'])} ({r['k']}/{r['n']}; {percent(r['ci_low'])}–{percent(r['ci_high'])})" if r else "–")
         rows.append([metric, view.kinds.get(metric, "")] + cells)
     for metric, by in view.scalars.items():
         rows.append([metric, "drift"] + [_fmt(by.get(m)) if m in by else "reference" if m == view.models[0] else "–"
                                          for m in view.models])
     if view.seconds:
         rows.append(["evaluation wall-clock", ""] + [_seconds(view.seconds.get(m)) for m in view.models])
-    parts.append(_table(headers, rows))
+    parts.append(table(headers, rows))
     figures = []
     fig = plot_rates(view) if view.rates else None
     if fig is not None:
-        figures.append(_img(fig, "Grouped bar charts of safety, over-refusal and capability rates for "
+        figures.append(figure(fig, "Grouped bar charts of safety, over-refusal and capability rates for "
                                  + ", ".join(view.models) + " with 95% confidence intervals"))
     points, axis, y_label = tradeoff_points(view)
     if points and axis is not None:
         fig = plot_tradeoff(points, axis, y_label)
-        figures.append(_img(fig, f"Scatter of safety against {axis.label}, one point per model: "
+        figures.append(figure(fig, f"Scatter of safety against {axis.label}, one point per model: "
                                  + ", ".join(p["model"] for p in points)))
     else:
-        figures.append(_missing("capability, drift or over-refusal measure", "the trade-off plot needs one per model"))
-    parts.append(_row(*figures))
+        figures.append(missing("capability, drift or over-refusal measure", "the trade-off plot needs one per model"))
+    parts.append(side_by_side(*figures))
     if view.templates:
         blocks = []
         for model in [m for m in view.models if m in view.templates]:
             templates = [t for t in view.templates[model] if isinstance(t, (list, tuple)) and len(t) >= 2]
-            table = _table(("opening (first sentence)", "count"), ((t[0], t[1]) for t in templates[:6]), "text")
-            blocks.append(_titled(f"{model}: {len(templates)} distinct refusal openings", table if templates else ""))
-        parts.append(_Raw('<p class="note">A new stock refusal learned in training shows up here as an opening the '
-                          'base model never used.</p>'))
-        parts.append(_row(*blocks))
+            openings = table(("opening (first sentence)", "count"), ((t[0], t[1]) for t in templates[:6]), "text")
+            blocks.append(titled(f"{model}: {len(templates)} distinct refusal openings", openings if templates else None))
+        parts.append(note("A new stock refusal learned in training shows up here as an opening the base model "
+                          "never used."))
+        parts.append(side_by_side(*blocks))
     return parts
 
 
@@ -687,19 +708,19 @@ def section_evaluation(run: RunArtifacts) -> list[Any]:
 def section_representation(run: RunArtifacts) -> list[Any]:
     data = run.representation
     if not data or not data.get("coords"):
-        return [_missing(REPRESENTATION_NAME, "computed by `safesteer align` while the models are loaded")]
+        return [missing(REPRESENTATION_NAME, "`safesteer align` computes it in its summary, while the models are "
+                                             "loaded; not with --skip-eval")]
     fig = plot_representation(data)
-    parts: list[Any] = [_img(fig, "PCA scatter of final-layer hidden states on benign prompts for "
+    parts: list[Any] = [figure(fig, "PCA scatter of final-layer hidden states on benign prompts for "
                                   + ", ".join(data["coords"]) + "; large rings mark each model's mean")]
     shift = data.get("shift") or {}
     if shift:
-        parts.append(_table(("model", "mean distance from base (L2)", "relative to base spread",
+        parts.append(table(("model", "mean distance from base (L2)", "relative to base spread",
                              "mean cosine to base"),
                             ((name, _fmt(s.get("mean_l2")), _fmt(s.get("relative_to_base_spread")),
                               _fmt(s.get("mean_cosine_to_base"))) for name, s in shift.items())))
-        parts.append(_Raw('<p class="note">Distances are per prompt, in the full hidden space: a relative value '
-                          'of 1 means a model moved as far from the base as two typical base states are '
-                          'apart from their mean.</p>'))
+        parts.append(note("Distances are per prompt, in the full hidden space: a relative value of 1 means a model "
+                          "moved as far from the base as two typical base states are apart from their mean."))
     return parts
 
 
@@ -788,18 +809,26 @@ def _token_spans(text: str, tokenizer: Any) -> list[tuple[int, int, int]]:
     return spans
 
 
-def highlight_safety_tokens(text: str, tokenizer: Any, safety_ids: Iterable[int]) -> tuple[str, int]:
-    """HTML of `text` with every token whose id is in S wrapped in <mark>; and how many there were."""
+def safety_token_segments(text: str, tokenizer: Any, safety_ids: Iterable[int]) -> tuple[list[tuple[str, int | None]], int]:
+    """`text` cut into (piece, token id) segments where the id is set for the tokens of S and None between
+    them, and how many tokens of S there were."""
     ids = set(int(i) for i in safety_ids)
-    pieces, cursor, count = [], 0, 0
+    segments: list[tuple[str, int | None]] = []
+    cursor, count = 0, 0
     for start, end, token_id in sorted(_token_spans(text, tokenizer)):
         if token_id not in ids or start < cursor or end <= start:
             continue  # byte-level tokens of one character share a span: mark it once
-        pieces.append(html.escape(text[cursor:start]))
-        pieces.append(f'<mark title="token {token_id} in S">{html.escape(text[start:end])}</mark>')
+        segments += [(text[cursor:start], None), (text[start:end], token_id)]
         cursor, count = end, count + 1
-    pieces.append(html.escape(text[cursor:]))
-    return "".join(pieces), count
+    segments.append((text[cursor:], None))
+    return [seg for seg in segments if seg[0]], count
+
+
+def highlight_safety_tokens(text: str, tokenizer: Any, safety_ids: Iterable[int]) -> tuple[str, int]:
+    """HTML of `text` with every token whose id is in S in a <mark>, as the report draws it (the template's
+    `highlight` macro); and how many there were."""
+    segments, count = safety_token_segments(text, tokenizer, safety_ids)
+    return str(template_environment().get_template(BLOCKS_TEMPLATE).module.highlight(segments)), count
 
 
 def _refused(row: dict) -> bool | None:
@@ -817,13 +846,13 @@ def _refused(row: dict) -> bool | None:
 def section_samples(run: RunArtifacts, tokenizer: Any = None, per_set: int = 6) -> list[Any]:
     generations = find_generations(run)
     if not generations:
-        return [_missing("evaluation answers (eval/<model>/safety.judged.jsonl or summary/*.jsonl)",
+        return [missing("evaluation answers (eval/<model>/safety.judged.jsonl or summary/*.jsonl)",
                          "run `safesteer eval` or `safesteer align` without --skip-eval")]
     labels = _order_models(generations)
     base_label = "base" if "base" in generations else labels[0]
     aligned_label = "aligned" if "aligned" in generations else (labels[-1] if len(labels) > 1 else None)
     if aligned_label is None or aligned_label == base_label:
-        return [_missing("aligned model's generations", f"only {', '.join(labels)} found")]
+        return [missing("aligned model's generations", f"only {', '.join(labels)} found")]
     safety_ids: list[int] = []
     if run.safety_tokens:
         safety_ids = [int(t["id"]) for t in run.safety_tokens.get("tokens") or [] if "id" in t]
@@ -832,25 +861,24 @@ def section_samples(run: RunArtifacts, tokenizer: Any = None, per_set: int = 6) 
     tok = _load_tokenizer(run, tokenizer) if safety_ids else None
     parts: list[Any] = []
     if not safety_ids:
-        parts.append(_Raw('<p class="note">safety_tokens.json missing: tokens of S are not highlighted.</p>'))
+        parts.append(note("safety_tokens.json missing: tokens of S are not highlighted."))
     elif tok is None:
-        parts.append(_Raw('<p class="note">no tokenizer in model/: tokens of S are not highlighted.</p>'))
+        parts.append(note("no tokenizer in model/: tokens of S are not highlighted."))
     else:
-        parts.append(_Raw('<p class="note"><mark>highlighted</mark>: tokens of S in the aligned model\'s response '
-                          '(the response text re-tokenised with the run\'s tokenizer).</p>'))
+        parts.append(note(": tokens of S in the aligned model's response (the response text re-tokenised with the "
+                          "run's tokenizer).", marked="highlighted"))
     pairs: dict[str, list[tuple[dict, dict]]] = {"harmful": [], "edgy": []}
     for kind in pairs:
         base_rows = {(r.get("prompt_uid") or r["prompt"], r.get("sample", 0)): r
                      for r in generations[base_label].get(kind, [])}
-        for row in generations[aligned_label].get(kind, []):
-            key = (row.get("prompt_uid") or row["prompt"], row.get("sample", 0))
+        for answer in generations[aligned_label].get(kind, []):
+            key = (answer.get("prompt_uid") or answer["prompt"], answer.get("sample", 0))
             if key in base_rows:
-                pairs[kind].append((base_rows[key], row))
+                pairs[kind].append((base_rows[key], answer))
     titles = {"harmful": "Harmful prompts", "edgy": "Harmless but edgy prompts (over-refusal)"}
     for kind, items in pairs.items():
-        parts.append(_Raw(f"<h3>{_esc(titles[kind])}</h3>"))
         if not items:
-            parts.append(_missing(f"{kind} prompts answered by both {base_label} and {aligned_label}"))
+            parts.append(titled(titles[kind], missing(f"{kind} prompts answered by both {base_label} and {aligned_label}")))
             continue
         judged = [(b, a, _refused(b), _refused(a)) for b, a in items]
         # Changed verdicts first (what training did), then the rest, in file order.
@@ -858,71 +886,25 @@ def section_samples(run: RunArtifacts, tokenizer: Any = None, per_set: int = 6) 
         rows = []
         for b, a, rb, ra in judged[:per_set]:
             if tok is not None:
-                aligned_html, n_s = highlight_safety_tokens(a["response"], tok, safety_ids)
-                base_count = highlight_safety_tokens(b["response"], tok, safety_ids)[1]
-                counts = f"S tokens: {base_count} → {n_s}"
+                aligned_segments, n_s = safety_token_segments(a["response"], tok, safety_ids)
+                counts = f"S tokens: {safety_token_segments(b['response'], tok, safety_ids)[1]} → {n_s}"
             else:
-                aligned_html, counts = html.escape(a["response"]), ""
-            rows.append((_Raw(_esc(b["prompt"]) + (f'<div class="note">{_esc(b["set"])}</div>' if b.get("set") else "")),
-                         _Raw(_verdict_badge(rb) + f'<div class="resp">{html.escape(b["response"])}</div>'),
-                         _Raw(_verdict_badge(ra) + f'<div class="resp">{aligned_html}</div>'
-                              + (f'<div class="note">{_esc(counts)}</div>' if counts else ""))))
-        parts.append(_table(("prompt", base_label, aligned_label), rows, "samples"))
+                aligned_segments, counts = [(a["response"], None)], ""
+            rows.append(({"kind": "prompt", "text": b["prompt"], "set": b.get("set") or ""},
+                         {"kind": "response", "refused": rb, "segments": [(b["response"], None)], "note": ""},
+                         {"kind": "response", "refused": ra, "segments": aligned_segments, "note": counts}))
         changed = sum(1 for _, _, rb, ra in judged if rb != ra)
-        parts.append(_Raw(f'<p class="note">{len(items)} prompts answered by both; the keyword verdict differs on '
-                          f'{changed}; showing {min(per_set, len(items))}.</p>'))
+        parts.append(titled(titles[kind], table(("prompt", base_label, aligned_label), rows, "samples"),
+                            note(f"{len(items)} prompts answered by both; the keyword verdict differs on {changed}; "
+                                 f"showing {min(per_set, len(items))}.")))
     return parts
-
-
-def _verdict_badge(refused: bool | None) -> str:
-    if refused is None:
-        return ""
-    return '<span class="badge refused">refuses</span>' if refused else '<span class="badge complies">answers</span>'
 
 
 # ----------------------------------------------------------------------------- the page
 
 
-CSS = """
-body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0; color: #222;
-       background: #fafafa; line-height: 1.4; }
-header { background: #233045; color: #fff; padding: 18px 32px; }
-header h1 { margin: 0 0 4px 0; font-size: 22px; }
-header p { margin: 0; color: #c8d1e0; font-size: 13px; }
-nav { padding: 8px 32px; background: #e9edf3; font-size: 13px; }
-nav a { margin-right: 14px; color: #233045; }
-main { max-width: 1320px; margin: 0 auto; padding: 8px 32px 40px 32px; }
-section { background: #fff; border: 1px solid #e2e2e2; border-radius: 6px; padding: 8px 22px 18px 22px;
-          margin: 18px 0; }
-h2 { font-size: 18px; border-bottom: 1px solid #eee; padding-bottom: 6px; }
-h3 { font-size: 14px; margin: 16px 0 6px 0; color: #444; }
-table { border-collapse: collapse; font-size: 12.5px; margin: 6px 0 10px 0; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
-th { background: #f2f4f7; }
-table.kv td:first-child { color: #555; white-space: nowrap; }
-table.text td, table.samples td { max-width: 520px; }
-table.samples td:first-child { width: 22%; font-weight: 600; }
-.resp { white-space: pre-wrap; font-family: "DejaVu Sans Mono", Menlo, monospace; font-size: 12px; }
-mark { background: #ffe066; padding: 0 1px; border-radius: 2px; }
-figure { margin: 8px 0; }
-figcaption { color: #666; font-size: 12px; max-width: 900px; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-.row { display: flex; flex-wrap: wrap; gap: 6px 28px; align-items: flex-start; }
-.missing { color: #8a6d3b; background: #fcf8e3; border: 1px solid #faebcc; padding: 6px 10px; border-radius: 4px;
-           font-style: italic; }
-.note { color: #666; font-size: 12px; }
-.badge { display: inline-block; font-size: 11px; padding: 0 6px; border-radius: 8px; margin-bottom: 3px; }
-.badge.refused { background: #f8d7da; color: #721c24; }
-.badge.complies { background: #d4edda; color: #155724; }
-details summary { cursor: pointer; color: #233045; font-size: 13px; }
-"""
-
-# No network, no script: the page is a document, and a browser opening it from disk fetches nothing.
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-
-def build_report(run_dir: str | Path, tokenizer: Any = None) -> str:
-    """The report's HTML for a run directory (see the module docstring for what it shows)."""
+def report_context(run_dir: str | Path, tokenizer: Any = None) -> dict:
+    """What templates/report.html.j2 draws: the title lines, the artifacts' problems and each section's blocks."""
     from .. import __version__
 
     run = load_run(run_dir)
@@ -935,27 +917,23 @@ def build_report(run_dir: str | Path, tokenizer: Any = None) -> str:
         "representation": lambda: section_representation(run),
         "samples": lambda: section_samples(run, tokenizer),
     }
-    body = []
+    sections = []
     for section_id, title in SECTIONS:
         try:
-            parts = builders[section_id]()
+            blocks = builders[section_id]()
         except Exception as exc:  # noqa: BLE001 - one odd artifact must not cost the whole report
-            parts = [_Raw(f'<p class="missing">this section failed to render: {_esc(type(exc).__name__)}: '
-                          f'{_esc(exc)}</p>')]
-        body.append(f'<section id="{section_id}"><h2>{_esc(title)}</h2>'
-                    + "".join(p if isinstance(p, _Raw) else _esc(p) for p in parts) + "</section>")
+            blocks = [{"kind": "failed", "error": f"{type(exc).__name__}: {exc}"}]
+        sections.append({"id": section_id, "title": title, "blocks": blocks})
     identity = _model_identity(run) or {}
-    title = f"safesteer run report: {Path(run_dir).resolve().name}"
-    subtitle = (f"model {identity.get('name', '?')} · run directory {Path(run_dir).resolve()} · generated "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')} by safesteer {__version__}")
-    problems = "".join(f'<p class="missing">{_esc(p)}</p>' for p in run.problems)
-    nav = "".join(f'<a href="#{sid}">{_esc(t)}</a>' for sid, t in SECTIONS)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>{_esc(title)}</h1><p>{_esc(subtitle)}</p></header><nav>{nav}</nav><main>{problems}"
-            + "\n".join(body) + "</main></body></html>\n")
+    return {"title": f"safesteer run report: {Path(run_dir).resolve().name}",
+            "subtitle": (f"model {identity.get('name', '?')} · run directory {Path(run_dir).resolve()} · generated "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')} by safesteer {__version__}"),
+            "problems": list(run.problems), "sections": sections}
+
+
+def build_report(run_dir: str | Path, tokenizer: Any = None) -> str:
+    """The report's HTML for a run directory (see the module docstring for what it shows)."""
+    return template_environment().get_template(TEMPLATE).render(report_context(run_dir, tokenizer))
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, tokenizer: Any = None) -> Path:
@@ -969,6 +947,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, tokenizer: 
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    """one self-contained HTML page from a run directory's artifacts
+
+    Configuration, refusal direction, safety tokens, training curves, before/after evaluation,
+    representation shift and sample responses of a run, as one HTML file with embedded images (opens
+    offline). Sections whose artifacts are missing say so.
+    """
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -983,13 +967,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("report", help="one self-contained HTML page from a run directory's artifacts",
-                              description="Configuration, refusal direction, safety tokens, training curves, "
-                                          "before/after evaluation, representation shift and sample responses of "
-                                          "a run, as one HTML file with embedded images (opens offline). Sections "
-                                          "whose artifacts are missing say so.")
+    from ..cli import add_command
+
+    p = add_command(subparsers, "report", _cmd_report)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of `safesteer align` (or of single stages)")
     p.add_argument("--out", default=None, help="output HTML file (default: RUN_DIR/report.html)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory for highlighting tokens of S (default: RUN_DIR/model, else the base model)")
-    p.set_defaults(func=_cmd_report)

@@ -45,7 +45,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -54,12 +54,13 @@ from torch import nn
 
 from ..core.anatomy import decoder_layers, format_prompts, post_instruction_length, unwrap_model
 from ..core.forward import model_device, positions_from_mask
+from ..core.generation import effective_dtype_name, generation_precision, resolve_generation_dtype
 from ..core.steering import ablate_direction, ablate_directions_per_copy, add_direction, hidden_of
 from ..errors import SafesteerError
-from ..io.models import comparable_identity
+from ..io.models import comparable_identity, safetensors_problem
 from ..io.prompts import prompt_texts
 from ..parallel import all_reduce_sum, gather_objects, shard, world_size
-from ..utils import atomic_path, help_field, int_list, read_json, sha256_texts, write_json_atomic
+from ..utils import atomic_path, help_field, preset_config, read_json, sha256_texts, write_json_atomic
 
 DIRECTION_FILE = "direction.safetensors"
 META_FILE = "direction.json"
@@ -108,6 +109,10 @@ class DirectionConfig:
         "compute KL and induce for every candidate, not only for those needed to find the choice")
     prefix_cache: bool = help_field(True,
         "run the template prefix shared by all prompts once per forward and reuse its KV cache")
+    selection_dtype: str = help_field("auto",
+        "dtype of the selection forwards (bypass, KL with its baseline, induce): auto (bfloat16 on a CPU with "
+        "avx512_bf16/AMX or a CUDA device with bf16, else the model's own), float32, bfloat16. The activations "
+        "and their float64 difference of means, and the filter's refusal scores, stay in the model's dtype")
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -126,13 +131,13 @@ class DirectionConfig:
                 raise SafesteerError("positions count from the end and must be negative, e.g. -1,-2")
         if self.layers is not None:
             self.layers = tuple(int(layer) for layer in self.layers)
+        if self.selection_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SafesteerError(f"unknown selection_dtype '{self.selection_dtype}'; use auto, float32 or bfloat16")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "DirectionConfig":
-        """A preset's settings, then `overrides` (None values are ignored)."""
-        if name not in DIRECTION_PRESETS:
-            raise SafesteerError(f"unknown direction preset '{name}'; use one of: {', '.join(DIRECTION_PRESETS)}")
-        return cls(**{**DIRECTION_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+        """A preset's settings (DIRECTION_PRESETS), then `overrides` (None values are ignored)."""
+        return preset_config(cls, DIRECTION_PRESETS, name, overrides, "direction preset")
 
     def induce_threshold_for(self, harmful_baseline: float, harmless_baseline: float) -> float:
         """The induce filter's threshold: absolute, or relative to the validation sets' baselines."""
@@ -160,10 +165,6 @@ DIRECTION_PRESETS: dict[str, dict[str, Any]] = {
     # including the bypass ranking and the KL filter, is the paper's.
     "cpu": {"induce_fraction": 0.5},
 }
-
-
-def default_direction_preset() -> str:
-    return "paper" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------------- refusal tokens
@@ -680,12 +681,15 @@ def select_direction(model: nn.Module, tokenizer: Any, candidates: torch.Tensor,
     hv = _Encoded(tokenizer, prompt_texts(harmful_val), config.prefix_cache, n_pos + 1)
     lv = _Encoded(tokenizer, prompt_texts(harmless_val), config.prefix_cache, n_pos + 1)
     base = _scatter(_last_logits(model, lv, config.batch_size, lambda lg, rows: (rows, lg)), len(lv))
-    if config.induce_fraction is not None:
+    if config.induce_fraction is not None:  # baselines in the model's dtype, as run_direction_stage's filter pass
         harmful_baseline = float(_scores_of(hv, model, refusal_ids, config.batch_size).mean())
         harmless_baseline = float(refusal_scores_from_logits(base, refusal_ids).mean())
         config = replace(config, induce_threshold=config.induce_threshold_for(harmful_baseline, harmless_baseline),
                          induce_fraction=None)
-    return _select(model, candidates, hv, lv, base, refusal_ids, config, progress)
+    with generation_precision(model, resolve_generation_dtype(config.selection_dtype, model)) as cast:
+        if cast:  # the KL baseline in the dtype of the ablated forwards
+            base = _scatter(_last_logits(model, lv, config.batch_size, lambda lg, rows: (rows, lg)), len(lv))
+        return _select(model, candidates, hv, lv, base, refusal_ids, config, progress)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -703,16 +707,19 @@ class SteeringSpec:
 
     def check(self, model: nn.Module) -> None:
         hidden = getattr(unwrap_model(model).config, "hidden_size", None)
+        if hidden is None and unwrap_model(model).get_input_embeddings() is not None:
+            hidden = unwrap_model(model).get_input_embeddings().weight.shape[-1]
         n_layers = len(decoder_layers(model))
-        made_for = self.meta.get("identity", {}).get("name", "another model")
+        identity = self.meta.get("identity") if isinstance(self.meta, dict) else None
+        made_for = (identity.get("name") if isinstance(identity, dict) else None) or "another model"
         if hidden is not None and hidden != self.direction.shape[0]:
             raise SafesteerError(
                 f"the refusal direction was made for {made_for} (hidden size {self.direction.shape[0]}) but this model's "
                 f"hidden size is {hidden}; run `safesteer direction` for this model")
-        if self.layer >= n_layers:
+        if not 0 <= self.layer < n_layers:
             raise SafesteerError(
-                f"the refusal direction is for layer {self.layer} but this model has {n_layers} layers; "
-                f"run `safesteer direction` for this model")
+                f"the refusal direction is for layer {self.layer} but this model has layers 0-{n_layers - 1}; "
+                f"it was made for {made_for}: run `safesteer direction` for this model")
 
     def teacher(self, model: nn.Module) -> ContextManager:
         """Context manager that turns `model` into the steered teacher while it is open."""
@@ -729,13 +736,39 @@ def load_direction(out_dir: str | Path, model: nn.Module | None = None) -> Steer
     if not meta_path.is_file() or not tensor_path.is_file():
         raise SafesteerError(f"no refusal direction in {out_dir} (need {META_FILE} and {DIRECTION_FILE}); "
                              f"run `safesteer direction --out {out_dir}` first")
-    meta = read_json(meta_path)
-    direction = load_file(str(tensor_path))["direction"]
-    spec = SteeringSpec(direction=direction, layer=int(meta["layer"]), coeff=float(meta.get("coeff", 1.0)),
-                        position=meta.get("position"), meta=meta)
+    redo = f"rerun `safesteer direction --out {out_dir} --force`"
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers bad JSON and bad UTF-8
+        raise SafesteerError(f"{meta_path} is unreadable ({type(exc).__name__}); {redo}") from None
+    layer, coeff, position = (meta.get(k) for k in ("layer", "coeff", "position")) if isinstance(meta, dict) else (None,) * 3
+    if not _is_int(layer) or not _is_int(position, none_ok=True) or not (
+            coeff is None or (isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and math.isfinite(coeff))):
+        raise SafesteerError(f"{meta_path} does not hold a layer (integer), coefficient (number) and position "
+                             f"(integer or null); {redo}")
+    problem = safetensors_problem(tensor_path)
+    if problem:
+        raise SafesteerError(f"{tensor_path} is truncated or corrupted ({problem}); {redo}")
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as exc:  # noqa: BLE001 - whatever safetensors says, the file is unusable
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SafesteerError(f"{tensor_path} cannot be read ({first}); {redo}") from None
+    direction = tensors.get("direction")
+    if direction is None or direction.ndim != 1 or not direction.is_floating_point() or direction.numel() == 0:
+        what = "no 'direction' tensor" if direction is None else f"a {direction.dtype} tensor of shape {list(direction.shape)}"
+        raise SafesteerError(f"{tensor_path} holds {what}, not a one-dimensional float direction; {redo}")
+    if not torch.isfinite(direction).all():
+        raise SafesteerError(f"{tensor_path} holds NaN or infinite values; {redo}")
+    spec = SteeringSpec(direction=direction, layer=layer, coeff=1.0 if coeff is None else float(coeff),
+                        position=position, meta=meta)
     if model is not None:
         spec.check(model)
     return spec
+
+
+def _is_int(value: Any, none_ok: bool = False) -> bool:
+    return (value is None and none_ok) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _reusable(out_dir: Path, identity: dict, hashes: dict, config: DirectionConfig) -> bool:
@@ -810,6 +843,8 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
     from safetensors.torch import save_file
 
     config = config or DirectionConfig()
+    # "auto" made concrete for this model and machine: recorded, and compared on reuse, as what ran.
+    config = replace(config, selection_dtype=effective_dtype_name(config.selection_dtype, model))
     out_dir = Path(out_dir)
     sets = {"harmful_train": prompt_texts(harmful_train)[:config.n_train],
             "harmless_train": prompt_texts(harmless_train)[:config.n_train],
@@ -817,8 +852,14 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
             "harmless_val": prompt_texts(harmless_val)[:config.n_val]}
     hashes = {k: sha256_texts(v) for k, v in sets.items()}
     if not force and _reusable(out_dir, identity, hashes, config):
-        print(f"[direction] reusing the refusal direction in {out_dir} (same model, prompts and settings)")
-        return load_direction(out_dir, model)
+        try:
+            spec = load_direction(out_dir, model)
+        except SafesteerError as exc:  # a damaged artifact is recomputed, never reused
+            warnings.warn(f"not reusing the refusal direction in {out_dir}: {str(exc).split('; rerun')[0]}; computing it again",
+                          stacklevel=2)
+        else:
+            print(f"[direction] reusing the refusal direction in {out_dir} (same model, prompts and settings)")
+            return spec
 
     def log(msg):
         if progress:
@@ -869,7 +910,11 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
             f"way from {baseline['harmless_val_refusal_score']:.3f} to {baseline['harmful_val_refusal_score']:.3f})")
     select_config = replace(config, induce_threshold=induce_threshold, induce_fraction=None)
     try:
-        selection = _select(model, candidates, hv_enc, lv_enc, base_logits, refusal_ids, select_config, progress)
+        with generation_precision(model, resolve_generation_dtype(config.selection_dtype, model)) as cast:
+            if cast:  # the KL baseline in the same dtype as the ablated forwards, or KL would measure rounding
+                base_logits = _scatter(_last_logits(model, lv_enc, config.batch_size, lambda lg, rows: (rows, lg)),
+                                       len(lv_enc))
+            selection = _select(model, candidates, hv_enc, lv_enc, base_logits, refusal_ids, select_config, progress)
     except SafesteerError as exc:
         table = getattr(exc, "candidates", None)
         if table is None:
@@ -940,12 +985,18 @@ def _split_user_set(spec: str, field_name: str | None, n_train: int, n_val: int,
 
 
 def _cmd_direction(args: argparse.Namespace) -> int:
-    from ..cli import load_model_from_args
+    """stage 1: find the refusal direction (the steered safety teacher)
+
+    Difference-in-means refusal directions at every layer and post-instruction position, scored by bypass /
+    induce / KL on validation prompts; the chosen one defines the teacher. Reruns with the same model, prompts
+    and settings reuse the stored result.
+    """
+    from ..cli import config_values, load_model_from_args, resolve_preset
     from ..io.prompts import builtin_splits
     from ..utils import seed_everything
 
-    preset = default_direction_preset() if args.preset == "auto" else args.preset
-    config = DirectionConfig.from_preset(preset, **{f.name: getattr(args, f.name) for f in fields(DirectionConfig)})
+    preset = resolve_preset(args.preset)
+    config = DirectionConfig.from_preset(preset, **config_values(args, DirectionConfig))
     print(f"direction preset {preset}" + (f" (induce filter at {config.induce_fraction:g} of the baseline gap)"
                                           if config.induce_fraction is not None else ""))
     seed_everything(config.seed)
@@ -974,24 +1025,12 @@ def _cmd_direction(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from ..cli import add_config_args, add_model_args
+    from ..cli import add_command, add_config_args
 
-    p = subparsers.add_parser(
-        "direction", help="stage 1: find the refusal direction (the steered safety teacher)",
-        description="Difference-in-means refusal directions at every layer and post-instruction position, scored "
-                    "by bypass / induce / KL on validation prompts; the chosen one defines the teacher. Reruns with "
-                    "the same model, prompts and settings reuse the stored result.")
-    add_model_args(p)
-    p.add_argument("--out", required=True, help="stage directory (direction.safetensors, direction.json, direction_scores.png)")
-    p.add_argument("--harmful", default=None,
-                   help="harmful prompts (built-in set name, file or hf:NAME), split into train/val; default: the built-in AdvBench split")
-    p.add_argument("--harmless", default=None, help="harmless prompts, split likewise; default: the built-in harmless split")
-    p.add_argument("--field", default=None, help="field/column holding the prompt text in --harmful/--harmless files")
+    p = add_command(subparsers, "direction", _cmd_direction, model=True, presets=DIRECTION_PRESETS,
+                    out="stage directory (direction.safetensors, direction.json, direction_scores.png)",
+                    prompts={"--harmful": "harmful prompts, split into train/val (default: the built-in AdvBench split)",
+                             "--harmless": "harmless prompts, split likewise (default: the built-in harmless split)"})
     p.add_argument("--force", action="store_true", help="recompute even if a matching result exists")
-    p.add_argument("--preset", choices=("auto", *DIRECTION_PRESETS), default="auto",
-                   help="selection settings: paper (the method's filters) or cpu (small models: relative induce "
-                        "filter); auto = paper with CUDA, cpu without. The options below override it.")
     # Default None: an option given on the command line overrides the preset, an absent one does not.
-    add_config_args(p, DirectionConfig, default=None, types={"positions": int_list, "layers": int_list},
-                    show_default=" (default: {})")
-    p.set_defaults(func=_cmd_direction)
+    add_config_args(p, DirectionConfig, presets=DIRECTION_PRESETS)

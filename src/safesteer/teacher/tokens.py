@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from ..core.anatomy import end_of_turn_ids, format_prompts, output_head
+from ..core.anatomy import end_of_turn_ids, format_prompts, output_head, unwrap_model
+from ..core.generation import effective_dtype_name, generation_precision, resolve_generation_dtype
 from ..core.forward import model_device, positions_from_mask
 from ..core.sampling import rollout_seeds
 from ..errors import SafesteerError
@@ -44,7 +45,7 @@ from ..io.models import comparable_identity, model_family
 from ..io.prompts import Prompt, prompt_texts
 from ..parallel import (all_reduce_sum, barrier, broadcast_object, gather_objects, is_main_process, shard_bounds,
                         world_size)
-from ..utils import help_field, read_json, sha256_file, sha256_texts, write_json_atomic
+from ..utils import help_field, preset_config, read_json, sha256_file, sha256_texts, write_json_atomic
 
 FORMAT_VERSION = 1
 JSON_NAME = "safety_tokens.json"
@@ -76,6 +77,10 @@ class SafetyTokenConfig:
                                        "the teacher actually emits")
     seed: int = help_field(42, "seed of the teacher's samples")
     batch_size: int = help_field(64, "sequences (prompt x sample rows) per forward batch")
+    generation_dtype: str = help_field("auto", "dtype of the teacher's sampling pass (its distributions and both "
+                                               "models' hidden states): auto (bfloat16 on a CPU with avx512_bf16/AMX "
+                                               "or a CUDA device with bf16, else the model's own), float32, "
+                                               "bfloat16; the vote re-applies the output head in the model's dtype")
 
     def __post_init__(self):
         if self.horizon is not None and self.horizon < 1:
@@ -89,6 +94,13 @@ class SafetyTokenConfig:
             raise SafesteerError(f"unknown method '{self.method}'; use one of: {', '.join(METHODS)}")
         if self.rank_by not in RANK_BY:
             raise SafesteerError(f"unknown rank_by '{self.rank_by}'; use one of: {', '.join(RANK_BY)}")
+        if self.generation_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SafesteerError(f"unknown generation_dtype '{self.generation_dtype}'; use auto, float32 or bfloat16")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "SafetyTokenConfig":
+        """A preset's settings (TOKEN_PRESETS), then `overrides` (None values are ignored)."""
+        return preset_config(cls, TOKEN_PRESETS, name, overrides, "safety-token preset")
 
     def resolve(self, family: str) -> tuple[int, float]:
         """(H, min_steered_prob) with the per-family defaults filled in."""
@@ -96,6 +108,18 @@ class SafetyTokenConfig:
         floor = (self.min_steered_prob if self.min_steered_prob is not None
                  else FAMILY_MIN_STEERED_PROB.get(family, DEFAULT_MIN_STEERED_PROB))
         return horizon, floor
+
+
+# The presets of the same names as `safesteer align`'s (and `safesteer direction`'s).
+TOKEN_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's vote: K' = 200 per position, floor 1e-8 (qwen) / 1e-7 (llama).
+    "paper": {},
+    # The paper's vote over the default model's teacher admits mostly rare tokens (code fragments, CJK,
+    # "abort") that carry ~1-2% of the probability on the student's rollouts. A floor on the mean steered
+    # probability (1e-3) and a narrower vote (K' = 10) keep the tokens the teacher actually emits and
+    # boosts: "Unfortunately", " unable", "Sorry", " sorry", " cannot", "I", ... (~20% of the mass).
+    "cpu": {"min_steered_prob": 1e-3, "top_k_per_position": 10},
+}
 
 
 @dataclass
@@ -401,6 +425,7 @@ def select_safety_tokens(model: Any, tokenizer: Any, teacher_ctx: Callable[[], C
     eot_ids = end_of_turn_ids(tokenizer, model)
     head = output_head(model)
     device = model_device(model)
+    precision = resolve_generation_dtype(config.generation_dtype, model)
     t0 = time.time()
 
     first, stop = shard_bounds(len(texts))  # this process's prompts, by index in the full list
@@ -414,26 +439,30 @@ def select_safety_tokens(model: Any, tokenizer: Any, teacher_ctx: Callable[[], C
     vocab = 0
     stats: TokenStats | None = None
     kept_t, kept_0 = [], []
+    weight_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # the vote's head dtype
     examples: list[tuple[int, dict]] = []
     bar = tqdm(total=len(order) * samples, desc="teacher samples", unit="seq",
                disable=not progress or not is_main_process())
-    for start in range(0, len(order), per_batch):
-        idx = order[start: start + per_batch]
-        generators = [torch.Generator(device=device).manual_seed(s) for s in rollout_seeds(config.seed, idx, samples)]
-        out = rollout_batch(model, tokenizer, teacher_ctx, [formatted[i] for i in idx], horizon, samples, eot_ids,
-                            generators)
-        if stats is None:
-            vocab = out["teacher_logits"].shape[-1]
-            stats = TokenStats(vocab, config.rank_by)
-        valid = end_of_turn_valid_mask(out["base_argmax"], eot_ids)
-        stats.add_steered(out["teacher_logits"][valid].log_softmax(-1))
-        kept_t.append(out["teacher_hidden"][valid])
-        kept_0.append(out["base_hidden"][valid])
-        for k, i in enumerate(idx):
-            examples.append((i, {"prompt": texts[i], "teacher": tokenizer.decode(out["tokens"][k * samples].tolist()),
-                                 "valid_positions": int(valid[k * samples].sum())}))
-        del out
-        bar.update(len(idx) * samples)
+    # The sampling pass runs in the generation dtype (cast in place once, restored for the vote below).
+    with generation_precision(model, precision if order else None):
+        for start in range(0, len(order), per_batch):
+            idx = order[start: start + per_batch]
+            generators = [torch.Generator(device=device).manual_seed(s)
+                          for s in rollout_seeds(config.seed, idx, samples)]
+            out = rollout_batch(model, tokenizer, teacher_ctx, [formatted[i] for i in idx], horizon, samples, eot_ids,
+                                generators)
+            if stats is None:
+                vocab = out["teacher_logits"].shape[-1]
+                stats = TokenStats(vocab, config.rank_by)
+            valid = end_of_turn_valid_mask(out["base_argmax"], eot_ids)
+            stats.add_steered(out["teacher_logits"][valid].log_softmax(-1))
+            kept_t.append(out["teacher_hidden"][valid].to(weight_dtype))
+            kept_0.append(out["base_hidden"][valid].to(weight_dtype))
+            for k, i in enumerate(idx):
+                examples.append((i, {"prompt": texts[i], "teacher": tokenizer.decode(out["tokens"][k * samples].tolist()),
+                                     "valid_positions": int(valid[k * samples].sum())}))
+            del out
+            bar.update(len(idx) * samples)
     bar.close()
     if world_size() > 1:
         vocab = max(gather_objects([vocab]))  # a process left without prompts (more processes than prompts)
@@ -479,15 +508,25 @@ def _refusal_scores(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tenso
     return refusal_scores(model, tokenizer, texts, refusal_token_ids(tokenizer)).float().cpu()
 
 
-def filter_harmless(model: Any, tokenizer: Any, prompts: Sequence[Any], limit: int) -> list[Any]:
-    """The first `limit` prompts the base model does not lean to refuse (refusal score < 0)."""
+# What a user of each command can do when no prompt passes the filter: only flags that command has.
+FILTER_REMEDY = {
+    "tokens": "pass harmless instructions with --prompts, or --no-filter to use them as they are",
+    # align takes stage 2's prompts from the built-in harmless split and has no switch for the filter.
+    "align": "`safesteer align` takes them from the built-in harmless split, so try another --split-seed; a model "
+             "that leans to refuse plain harmless instructions may not be instruction-tuned",
+}
+
+
+def filter_harmless(model: Any, tokenizer: Any, prompts: Sequence[Any], limit: int, command: str = "align") -> list[Any]:
+    """The first `limit` prompts the base model does not lean to refuse (refusal score < 0).
+
+    `command` ("align" or "tokens") picks the advice in the error raised when none passes.
+    """
     scores = _refusal_scores(model, tokenizer, prompt_texts(prompts))
     kept = [p for p, s in zip(prompts, scores.tolist()) if s < 0]
     if not kept:
-        raise SafesteerError(
-            "no prompt passes the harmless filter (refusal score < 0 on the base model); pass harmless instructions "
-            "with --prompts, or --no-filter to use them as they are"
-        )
+        raise SafesteerError("no prompt passes the harmless filter (refusal score < 0 on the base model); "
+                             + FILTER_REMEDY.get(command, FILTER_REMEDY["align"]))
     return kept[:limit]
 
 
@@ -542,6 +581,8 @@ def run_token_stage(model: Any, tokenizer: Any, identity: dict, direction_dir: s
     from .direction import DIRECTION_FILE, load_direction
 
     config = config or SafetyTokenConfig()
+    # "auto" made concrete for this model and machine, so the artifact records (and reuse compares) what ran.
+    config = replace(config, generation_dtype=effective_dtype_name(config.generation_dtype, model))
     out_dir = Path(out_dir)
     texts = prompt_texts(prompts)[: config.n_prompts]
     record = _prompt_record(texts)
@@ -552,10 +593,14 @@ def run_token_stage(model: Any, tokenizer: Any, identity: dict, direction_dir: s
     if is_main_process() and json_path.is_file() and not force:
         try:
             data = read_json(json_path)
-        except ValueError:
+        except (OSError, ValueError, RecursionError):
             data = {}
-        if _matches(data, identity, direction_sha, record, config):
-            reusable = data
+        try:  # a damaged or hand-edited file is selected again, never reused
+            if (isinstance(data, dict) and _matches(data, identity, direction_sha, record, config)
+                    and token_ids_problem(data, _vocab_size(model)) is None and SafetyTokenResult.from_json(data)):
+                reusable = data
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass
     # One decision for all processes: they either all return the stored result or all join the selection.
     reusable = broadcast_object(reusable) if world_size() > 1 else reusable
     if reusable is not None:
@@ -575,16 +620,45 @@ def run_token_stage(model: Any, tokenizer: Any, identity: dict, direction_dir: s
     return result
 
 
-def load_safety_tokens(out_dir: str | Path) -> list[int]:
-    """The ids of S from a run directory."""
+def _vocab_size(model: Any) -> int | None:
+    head = unwrap_model(model).get_output_embeddings() if model is not None else None
+    return None if head is None else int(head.weight.shape[0])
+
+
+def token_ids_problem(data: Any, vocab_size: int | None = None) -> str | None:
+    """What makes the "tokens" of a safety_tokens.json unusable as S (None when they are fine): not a
+    list of {"id": integer}, an id outside the vocabulary of `vocab_size`, a repeated id."""
+    rows = data.get("tokens") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        return 'it has no "tokens" list'
+    ids = []
+    for i, row in enumerate(rows):
+        value = row.get("id") if isinstance(row, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"token {i + 1} has id {value!r}, not an integer"
+        if value < 0 or (vocab_size is not None and value >= vocab_size):
+            bound = f" of {vocab_size:,}" if vocab_size is not None else ""
+            return f"token {i + 1} has id {value}, outside the model's vocabulary{bound} (made for another model?)"
+        ids.append(value)
+    if len(set(ids)) != len(ids):
+        return "it lists a token id twice"
+    return None
+
+
+def load_safety_tokens(out_dir: str | Path, model: Any = None) -> list[int]:
+    """The ids of S from a run directory; with `model`, also checked against its vocabulary."""
     path = Path(out_dir) / JSON_NAME
     if not path.is_file():
         raise SafesteerError(f"no safety tokens in {out_dir} ({JSON_NAME} missing); run `safesteer tokens --out {out_dir}` first")
+    redo = f"rerun `safesteer tokens --out {out_dir} --force`"
     try:
         data = read_json(path)
-        ids = [int(r["id"]) for r in data["tokens"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SafesteerError(f"{path} is unreadable ({exc}); rerun `safesteer tokens --out {out_dir}`") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers bad JSON and bad UTF-8
+        raise SafesteerError(f"{path} is unreadable ({type(exc).__name__}); {redo}") from None
+    problem = token_ids_problem(data, _vocab_size(model))
+    if problem:
+        raise SafesteerError(f"{path} is not a usable set of safety tokens: {problem}; {redo}")
+    ids = [r["id"] for r in data["tokens"]]
     if not ids:
         raise SafesteerError(f"{path} holds no tokens; rerun `safesteer tokens` with other settings")
     return ids
@@ -604,15 +678,17 @@ def format_token_table(result: SafetyTokenResult) -> str:
 
 
 def _cmd_tokens(args: argparse.Namespace) -> int:
-    from ..cli import load_model_from_args
+    """stage 2: select the safety tokens S from the steered teacher
+
+    Sample from the steered teacher on harmless prompts and keep the tokens whose probability the refusal
+    direction raises most. Reuses existing results when model, direction, prompts and settings match.
+    """
+    from ..cli import config_values, load_model_from_args, resolve_preset
     from ..io.prompts import builtin_splits, load_prompts
     from .direction import load_direction
 
-    config = SafetyTokenConfig(
-        horizon=args.horizon, samples_per_prompt=args.samples_per_prompt, n_prompts=args.n_prompts,
-        top_k_per_position=args.top_k_per_position, n_tokens=args.n_tokens, min_steered_prob=args.min_steered_prob,
-        method=args.method, rank_by=args.rank_by, seed=args.seed, batch_size=args.batch_size,
-    )
+    preset = resolve_preset(args.preset)
+    config = SafetyTokenConfig.from_preset(preset, **config_values(args, SafetyTokenConfig))
     direction_dir = Path(args.direction or args.out)
     spec = load_direction(direction_dir)  # fail before loading the model
     if args.prompts:
@@ -623,48 +699,33 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
         prompts = builtin_splits(seed)["harmless"]["direction_val"]
     loaded = load_model_from_args(args)
     model, tokenizer = loaded.model, loaded.tokenizer
+    spec.check(model)  # a direction made for another model fails here, before any work
     t0 = time.time()
     if not args.no_filter:
         n_before = len(prompts)
-        prompts = filter_harmless(model, tokenizer, prompts, config.n_prompts)
+        prompts = filter_harmless(model, tokenizer, prompts, config.n_prompts, command="tokens")
         print(f"harmless filter: {len(prompts)} prompts used ({n_before} candidates, refusal score < 0 on the base model)")
     result = run_token_stage(model, tokenizer, loaded.identity, direction_dir, args.out, prompts, config,
                              force=args.force)
     print(format_token_table(result))
-    print(f"{len(result.ids)} safety tokens (H={result.horizon}, floor {result.min_steered_prob:g}, "
-          f"{result.n_valid_positions}/{result.n_positions} valid positions, {result.n_eligible} eligible tokens); "
-          f"selection {result.timing.get('total_s', 0):.1f} s, command {time.time() - t0:.1f} s")
+    print(f"preset {preset}: {len(result.ids)} safety tokens (H={result.horizon}, K'={config.top_k_per_position}, "
+          f"floor {result.min_steered_prob:g}, {result.n_valid_positions}/{result.n_positions} valid positions, "
+          f"{result.n_eligible} eligible tokens); selection {result.timing.get('total_s', 0):.1f} s, "
+          f"command {time.time() - t0:.1f} s")
     print(f"wrote {Path(args.out) / JSON_NAME} and {Path(args.out) / PLOT_NAME}")
     return 0
 
 
 def add_cli(subparsers) -> None:
-    from ..cli import add_model_args
+    from ..cli import add_command, add_config_args
 
-    p = subparsers.add_parser("tokens", help="stage 2: select the safety tokens S from the steered teacher",
-                              description="Sample from the steered teacher on harmless prompts and keep the tokens whose "
-                                          "probability the refusal direction raises most. Reuses existing results "
-                                          "when model, direction, prompts and settings match.")
-    add_model_args(p)
-    p.add_argument("--out", required=True, help="run directory: safety_tokens.json and .png are written here")
+    p = add_command(subparsers, "tokens", _cmd_tokens, model=True, presets=TOKEN_PRESETS,
+                    out="run directory: safety_tokens.json and .png are written here",
+                    prompts={"--prompts": "harmless prompts (default: the built-in harmless validation split)"})
     p.add_argument("--direction", default=None, help="directory with direction.safetensors/.json (default: --out)")
-    p.add_argument("--prompts", default=None,
-                   help="harmless prompts: built-in set, file or hf:NAME (default: the built-in harmless validation split)")
-    p.add_argument("--field", default=None, help="field/column holding the prompt text in a file or dataset")
     p.add_argument("--no-filter", action="store_true", help="skip the refusal-score filter (keep prompts as given)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the built-in prompt splits (default: the one the direction stage used)")
-    defaults = SafetyTokenConfig()
-    helps = {f.name: f.metadata.get("help", "") for f in fields(SafetyTokenConfig)}
-    p.add_argument("--horizon", type=int, default=None, help=helps["horizon"])
-    p.add_argument("--samples-per-prompt", type=int, default=defaults.samples_per_prompt, help=helps["samples_per_prompt"])
-    p.add_argument("--n-prompts", type=int, default=defaults.n_prompts, help=helps["n_prompts"])
-    p.add_argument("--top-k-per-position", type=int, default=defaults.top_k_per_position, help=helps["top_k_per_position"])
-    p.add_argument("--n-tokens", type=int, default=defaults.n_tokens, help=helps["n_tokens"])
-    p.add_argument("--min-steered-prob", type=float, default=None, help=helps["min_steered_prob"])
-    p.add_argument("--method", choices=METHODS, default=defaults.method, help=helps["method"])
-    p.add_argument("--rank-by", choices=RANK_BY, default=defaults.rank_by, help=helps["rank_by"])
-    p.add_argument("--seed", type=int, default=defaults.seed, help=helps["seed"])
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=helps["batch_size"])
     p.add_argument("--force", action="store_true", help="recompute even when matching results exist")
-    p.set_defaults(func=_cmd_tokens)
+    # Default None: an option given on the command line overrides the preset, an absent one does not.
+    add_config_args(p, SafetyTokenConfig, presets=TOKEN_PRESETS, choices={"method": METHODS, "rank_by": RANK_BY})

@@ -29,14 +29,18 @@ _OLD_NAME = ".checkpoint.old"
 RESUME_FREE = ("checkpoint_every", "merge", "preset")
 
 
-def data_order(n_prompts: int, config: TrainConfig) -> list[int]:
-    """Prompt indices for every step: seeded shuffles of the prompt list, one after another."""
-    needed = config.steps * config.prompts_per_step
+def data_order(n_prompts: int, config: TrainConfig, per_step: int | None = None, stream: str = "") -> list[int]:
+    """Prompt indices for every step: seeded shuffles of the prompt list, one after another.
+
+    `per_step` prompts a step (default: config.prompts_per_step); a `stream` name (e.g. "contrast") draws
+    an order of its own, independent of the training prompts' order.
+    """
+    needed = config.steps * (config.prompts_per_step if per_step is None else per_step)
     order: list[int] = []
     epoch = 0
     while len(order) < needed:
         perm = list(range(n_prompts))
-        random.Random(config.seed * 1000 + epoch).shuffle(perm)
+        random.Random(f"{stream}/{config.seed}/{epoch}" if stream else config.seed * 1000 + epoch).shuffle(perm)
         order += perm
         epoch += 1
     return order[:needed]
@@ -90,6 +94,8 @@ def check_resumable(out: Path, ckpt: Path, state: dict, mine: dict) -> None:
                              f"pass the same options to resume it, or use a new --out")
     if state["prompts_sha256"] != mine["prompts_sha256"] or state["safety_ids"] != mine["safety_ids"]:
         raise SafesteerError(f"{out} holds a run with other training prompts or safety tokens; use a new --out")
+    if state.get("contrast_sha256") != mine.get("contrast_sha256"):
+        raise SafesteerError(f"{out} holds a run with other contrast prompts; use a new --out")
 
 
 def drop_metrics_after(out: Path, step: int) -> None:

@@ -16,6 +16,7 @@ from ..errors import SafesteerError
 from ..utils import help_field
 
 FINETUNE_MODES = ("lora", "full")
+GATE_MODES = ("off", "on")
 LORA_LAYERS = ("all", "from_steering")
 
 # Learning rates of the released runs (full fine-tune, 32 completions per step).
@@ -53,11 +54,34 @@ class TrainConfig:
     warmup_ratio: float = help_field(0.1, "fraction of the steps with linear warm-up before the cosine decay")
     max_grad_norm: float = help_field(1.0, "gradient-norm clip")
     bf16: str = help_field("auto", "bf16 autocast: auto (on CUDA with bf16 support), on, off")
+    generation_dtype: str = help_field("auto", "dtype the rollouts are sampled in, from a persistent copy of the student "
+                                               "that gets its trainable weights before each step (training stays "
+                                               "float32): auto (bfloat16 on a CPU with avx512_bf16/AMX or a CUDA device "
+                                               "with bf16, else float32), float32 (bit-identical rollouts on any "
+                                               "process count), bfloat16; `align` uses it for its summary's answers too")
     gradient_checkpointing: bool = help_field(False, "recompute activations in backward (saves memory, costs time)")
     checkpoint_every: int = help_field(1, "write a resumable checkpoint every N steps (and after the last)")
     num_prompts: int = help_field(0, "use only the first N training prompts (0 = all)")
     merge: bool = help_field(True, "save the LoRA student merged into a plain model (else the adapter only)")
     seed: int = help_field(42, "seed of data order, rollouts and adapter initialisation")
+    # Beyond the paper (method.md, "Beyond the paper"): off unless a preset or an option turns them on.
+    contrast: str = help_field("", "beyond the paper: contrast prompts the student must keep answering, rolled out "
+                                   "beside the harmful ones: builtin (the contrast set's train split plus plain "
+                                   "harmless prompts), a prompt file or hf:NAME; empty = off")
+    contrast_prompts_per_step: int = help_field(0, "beyond the paper: contrast prompts per step (0 = off)")
+    contrast_weight: float = help_field(1.0, "beyond the paper: loss weight of each contrast rollout (a harmful "
+                                             "rollout weighs 1)")
+    contrast_coeff: float = help_field(0.0, "beyond the paper: the teacher's steering coefficient on contrast "
+                                            "rollouts (0 = the unsteered model; negative subtracts the refusal "
+                                            "direction)")
+    contrast_greedy: bool = help_field(False, "beyond the paper: one of the rollouts of each contrast prompt is the "
+                                              "student's greedy continuation (where a refusal shows first)")
+    opening_tokens: int = help_field(0, "beyond the paper: the first N completion positions (where the refusal "
+                                        "decision is made) get opening_weight in the loss (0 = off)")
+    opening_weight: float = help_field(1.0, "beyond the paper: loss weight of the opening positions (1 = off)")
+    gate: str = help_field("off", "beyond the paper: on = the teacher steers each harmful rollout by coeff x "
+                                  "g(harmfulness of its prompt), a gate read at the last token of the instruction "
+                                  "(OUT/gate.json, from `safesteer gate`; fitted there if missing); off = always coeff")
 
     def __post_init__(self):
         if self.loss not in LOSS_VARIANTS:
@@ -71,6 +95,8 @@ class TrainConfig:
                                  "or leave lora_layers at all")
         if self.bf16 not in ("auto", "on", "off"):
             raise SafesteerError("bf16 must be auto, on or off")
+        if self.generation_dtype not in ("auto", "float32", "bfloat16"):
+            raise SafesteerError("generation_dtype must be auto, float32 or bfloat16")
         if self.teacher_dtype not in ("same", "bfloat16", "float16"):
             raise SafesteerError("teacher_dtype must be same, bfloat16 or float16")
         for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "chunk_size",
@@ -83,6 +109,30 @@ class TrainConfig:
             raise SafesteerError("warmup_ratio must be in [0, 1)")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise SafesteerError("temperature must be > 0 and top_p in (0, 1]")
+        if bool(self.contrast) != (self.contrast_prompts_per_step > 0):
+            raise SafesteerError("contrast prompts need both a set (contrast, e.g. builtin) and contrast_prompts_per_step "
+                                 "> 0; give both, or neither to leave them off")
+        if self.contrast_prompts_per_step < 0 or self.opening_tokens < 0:
+            raise SafesteerError("contrast_prompts_per_step and opening_tokens must be >= 0")
+        if self.contrast_weight < 0 or self.opening_weight < 0:
+            raise SafesteerError("contrast_weight and opening_weight must be >= 0")
+        if self.gate not in GATE_MODES:
+            raise SafesteerError(f"gate must be one of: {', '.join(GATE_MODES)}")
+
+    @property
+    def uses_contrast(self) -> bool:
+        return bool(self.contrast) and self.contrast_prompts_per_step > 0
+
+    @property
+    def uses_opening_weight(self) -> bool:
+        return self.opening_tokens > 0 and self.opening_weight != 1.0
+
+    @property
+    def beyond_paper(self) -> list[str]:
+        """The declared extensions this configuration switches on (recorded in safesteer.json)."""
+        return ([f"contrast prompts ({self.contrast})"] if self.uses_contrast else []) + \
+               (["opening-position loss weight"] if self.uses_opening_weight else []) + \
+               (["gated teacher"] if self.gate == "on" else [])
 
     @classmethod
     def from_preset(cls, name: str, family: str = "qwen", **overrides: Any) -> "TrainConfig":
@@ -111,6 +161,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     # of the vocabulary and a low learning rate (58% -> 84%, over-refusal 27% -> 44%; see README).
     "cpu": {**{f.name: f.default for f in fields(TrainConfig) if f.name != "preset"},
             "lora_layers": "from_steering", "loss": "localized_bucket", "learning_rate": 5e-5},
+}
+# Beyond the paper: the cpu preset plus contrast prompts (their teacher the unsteered model, weighted 4, one
+# greedy rollout each) and 4x weight on the first 4 completion positions, against the over-refusal the cpu
+# student learns from a teacher that steers every prompt. A starting point, not a tuned setting.
+PRESETS["cpu-contrast"] = {**PRESETS["cpu"], "contrast": "builtin", "contrast_prompts_per_step": 2,
+                           "contrast_weight": 4.0, "contrast_coeff": 0.0, "contrast_greedy": True,
+                           "opening_tokens": 4, "opening_weight": 4.0}
+
+# A training preset built on another one runs that preset's direction and token stages.
+STAGE_PRESETS = {"cpu-contrast": "cpu"}
+
+
+def stage_preset(name: str) -> str:
+    """The direction / safety-token preset that goes with training preset `name`."""
+    return STAGE_PRESETS.get(name, name)
+
+
+# One line per preset for --help: a preset that goes beyond the paper says so.
+PRESET_HELP = {
+    "paper": "the released runs: full fine-tune, 4 prompts x 8 rollouts of 512 tokens, 25 steps",
+    "cpu": "a LoRA run that fits 2 CPU cores (12 steps x 2 prompts x 4 rollouts of 48 tokens)",
+    "cpu-contrast": "beyond the paper: cpu plus contrast prompts (unsteered teacher, weight 4, one greedy rollout) and "
+                    "4x loss weight on the first 4 completion positions, against learned over-refusal",
 }
 
 

@@ -8,6 +8,13 @@ Sampling is plain ancestral sampling from the student (temperature 1, top_p 1, n
 repetition penalty from the model's generation config: `core.sampling.plain_sampling`), without
 steering: the method is on-policy.
 
+Precision: `RolloutModel` keeps a persistent low-precision copy of the student to sample from (bf16 on
+hardware with fast bf16 matrix units, `TrainConfig.generation_dtype`); before each step's rollouts only
+the trainable weights (the LoRA adapter, or every weight of a full fine-tune) are copied into it from
+the float32 student. Training itself (student and teacher scores, loss, optimizer) stays in float32.
+The rollouts are then samples of the bf16 copy's distribution, which differs from the float32
+student's by bf16 rounding; the loss scores them under the float32 student as before.
+
 Positions: a completion token at absolute position P + j is predicted by the hidden state at
 P + j - 1. `model_inputs()` therefore drops the last column (its hidden state predicts nothing),
 and `scored_hidden(hidden)` slices the L hidden states that predict completion tokens 0..L-1, so
@@ -64,6 +71,68 @@ class RolloutBatch:
     def scored_hidden(self, hidden: Tensor) -> Tensor:
         """[N, P + L - 1, d] hidden states of `model_inputs()` -> the [N, L, d] that predict the completion."""
         return hidden[:, self.prompt_len - 1:]
+
+
+def _low_precision_copy(model: Any, dtype: torch.dtype) -> Any:
+    """A frozen eval-mode deep copy of `model` whose floating-point parameters are `dtype`.
+
+    The parameters are cast first and handed to deepcopy through its memo, so no second float32 copy
+    of the weights is ever made and tied weights stay tied. Buffers are copied as they are.
+    """
+    import copy
+
+    memo: dict = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            data = p.detach().to(dtype) if p.is_floating_point() else p.detach().clone()
+            memo[id(p)] = torch.nn.Parameter(data, requires_grad=False)
+    clone = copy.deepcopy(model, memo)
+    return clone.eval()
+
+
+class RolloutModel:
+    """The model the rollouts are sampled from: the student itself, or a persistent copy in `dtype`.
+
+        rollout_model = RolloutModel(student, torch.bfloat16)
+        sampler = rollout_model.synced(student)        # before each step's rollouts
+        with seeded_sampling(sampler, seeds): batch = sample_rollouts(sampler, ...)
+
+    With a copy, `synced` copies the student's trainable parameters into it (cast to `dtype`) and
+    returns it; the frozen weights were copied once, at construction. Without one (dtype None, or
+    the student already in `dtype`) it returns the student.
+    """
+
+    def __init__(self, student: Any, dtype: torch.dtype | None):
+        self.dtype = dtype
+        self.copy = None
+        weights = [p for p in student.parameters() if p.is_floating_point()]
+        if dtype is not None and any(p.dtype != dtype for p in weights):
+            self.copy = _low_precision_copy(student, dtype)
+            self._targets = dict(self.copy.named_parameters())
+
+    @property
+    def dtype_name(self) -> str | None:
+        return None if self.copy is None else str(self.dtype).replace("torch.", "")
+
+    @torch.no_grad()
+    def synced(self, student: Any) -> Any:
+        if self.copy is None:
+            return student
+        for name, p in student.named_parameters():
+            if p.requires_grad:
+                self._targets[name].copy_(p.detach())
+        return self.copy
+
+
+def rollout_dtype(setting: str, student: Any, accelerator: Any = None) -> torch.dtype | None:
+    """The dtype of the sampling copy for `TrainConfig.generation_dtype`, or None to sample from the
+    student itself: with weights sharded over processes (FSDP, ZeRO-3) no process can hold a copy."""
+    from ..core.generation import resolve_generation_dtype
+    from ..parallel import _shards_weights
+
+    if accelerator is not None and _shards_weights(accelerator):
+        return None
+    return resolve_generation_dtype(setting, student)
 
 
 def sample_rollouts(

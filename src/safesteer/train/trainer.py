@@ -13,6 +13,12 @@ One optimizer step, as the method prescribes:
   4. update    AdamW (no weight decay), cosine schedule with warm-up, grad-norm clip.
 With lora_layers=from_steering the adapter sits only on the steering layer and above, so below it the
 two models are the same function: one no-grad pass there serves both, and 2. and 3. start at that layer.
+
+Beyond the paper (method.md, all off in the paper preset): contrast prompts, rolled out in the same batch
+as the harmful ones and scored by a teacher with its own steering coefficient (0: the unsteered model),
+weighted in the loss, one rollout each optionally greedy; extra loss weight on the first completion
+positions; a gated teacher that steers each harmful prompt by coeff x g(its harmfulness) (teacher/gate.py).
+
 Every step appends a row to OUT/metrics.jsonl; every `checkpoint_every` steps the adapter (or model),
 optimizer, scheduler and data order go to OUT/checkpoint atomically (`checkpoint.py`), so a rerun on
 the same OUT continues exactly where the last checkpoint left off.
@@ -28,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -149,12 +155,75 @@ class SteeredTeacher:
 
         return output_head(self.model)
 
-    def hidden(self, inputs: dict, autocast: Any = contextlib.nullcontext, start: Any = None) -> torch.Tensor:
-        """Final hidden states; with `start` (a core.steering.LayerInput) the forward begins at its layer."""
-        adapter_off = self.model.disable_adapter() if self.shared else contextlib.nullcontext()
+    def hidden(self, inputs: dict, autocast: Any = contextlib.nullcontext, start: Any = None,
+               coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states; with `start` (a core.steering.LayerInput) the forward begins at its layer.
+
+        `coeffs` ([N], beyond the paper) gives each row its own steering coefficient instead of the spec's.
+        """
         self.model.eval()
-        with torch.no_grad(), adapter_off, self.spec.teacher(self.model), starting_at(self.model, start), autocast():
+        with torch.no_grad(), self.base(), self.steering(coeffs), starting_at(self.model, start), autocast():
             return final_hidden_states(self.model, **inputs)
+
+    def base(self) -> Any:
+        """The base weights: the LoRA adapter switched off (the frozen copy needs nothing)."""
+        return self.model.disable_adapter() if self.shared else contextlib.nullcontext()
+
+    def steering(self, coeffs: torch.Tensor | None = None) -> Any:
+        if coeffs is None:
+            return self.spec.teacher(self.model)
+        from ..core.steering import add_direction
+
+        if hasattr(self.spec, "check"):
+            self.spec.check(self.model)
+        return add_direction(self.model, self.spec.direction, self.spec.layer, coeffs)
+
+
+@dataclass
+class RowPlan:
+    """Beyond the paper: what each rollout row of a step gets (None everywhere = the method as published).
+
+    coeffs: [N] teacher steering coefficient per row (None: the spec's coefficient on every row);
+    sequence_weights: [N] loss weight per row; position_weights: [N, L] loss weight per completion position;
+    contrast: [N] bool, the rows that answer contrast prompts; gate: [N] g of each row's prompt (gated teacher).
+    """
+
+    coeffs: torch.Tensor | None = None
+    sequence_weights: torch.Tensor | None = None
+    position_weights: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def greedy_rows(model: Any, rows: Sequence[int]):
+    """Rows `rows` of a sampled `generate` take their argmax token at every step (beyond the paper: the
+    greedy continuation among a contrast prompt's rollouts, where a refusal shows first).
+
+    A forward hook on the causal LM leaves those rows only their argmax; entered before
+    `core.sampling.seeded_sampling`, whose hook then runs second and can only draw that token.
+    """
+    from ..core.anatomy import unwrap_model
+
+    if not rows:
+        yield
+        return
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+
+    def hook(_module, _args, output):
+        last = output.logits[:, -1].clone()
+        idx = index.to(last.device)
+        forced = torch.full_like(last[idx], float("-inf"))
+        forced.scatter_(-1, last[idx].argmax(-1, keepdim=True), 0.0)
+        last[idx] = forced
+        output.logits = last[:, None, :]
+        return output
+
+    handle = unwrap_model(model).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -164,7 +233,11 @@ class Trainer:
     """Localized on-policy distillation of `spec`'s steered teacher into `model` on the safety tokens."""
 
     def __init__(self, model: Any, tokenizer: Any, spec: Any, safety_ids: Sequence[int], prompts: Sequence[Any],
-                 config: TrainConfig, out_dir: str | Path, run_info: dict | None = None, progress: bool = True):
+                 config: TrainConfig, out_dir: str | Path, run_info: dict | None = None, progress: bool = True,
+                 contrast_prompts: Sequence[Any] | None = None, gate: Any = None, split_seed: int | None = None):
+        """`contrast_prompts` and `gate` (beyond the paper) default to what `config` asks for: the contrast set
+        named by config.contrast (built-in splits by `split_seed`, default: run_info's data.split_seed, else 0)
+        and, with config.gate on, OUT/gate.json (fitted there first if missing)."""
         from transformers import get_cosine_schedule_with_warmup
 
         from ..core.anatomy import end_of_turn_ids, output_head
@@ -179,6 +252,20 @@ class Trainer:
             raise SafesteerError("no training prompts")
         self.safety_ids = torch.as_tensor(list(safety_ids), dtype=torch.long)
         self.eot_ids = end_of_turn_ids(tokenizer, model)
+        if split_seed is None:
+            split_seed = int(self.run_info.get("data", {}).get("split_seed", 0) or 0)
+        self.contrast: list[str] = []
+        if config.uses_contrast:
+            from ..io.prompts import contrast_prompts as load_contrast
+
+            chosen = contrast_prompts if contrast_prompts is not None else load_contrast(config.contrast, split_seed)
+            self.contrast = prompt_texts(chosen)
+            if not self.contrast:
+                raise SafesteerError("contrast prompts are switched on but the contrast set is empty")
+        self.gate = None
+        self.gate_values: dict[str, float] = {}  # g of each harmful prompt, read once from the base model
+        if config.gate == "on":
+            self.gate = gate if gate is not None else self._gate(model, tokenizer, split_seed)
         seed_everything(config.seed)
 
         self.teacher = SteeredTeacher(model, spec, config)  # a copy is taken before any weight moves
@@ -204,34 +291,75 @@ class Trainer:
                                    and self.accelerator.unwrap_model(self.model) is self.model)
         self.step = 0
         self.order = data_order(len(self.prompts), config)
+        self.contrast_order = (data_order(len(self.contrast), config, config.contrast_prompts_per_step, "contrast")
+                               if self.contrast else [])
         self.merged = False
         self._resume()
 
+    def _gate(self, model: Any, tokenizer: Any, split_seed: int) -> Any:
+        """OUT/gate.json if there is one (made by `safesteer gate` for this direction), else fitted there now."""
+        from ..teacher.gate import GATE_META, GateConfig, direction_sha, load_gate, run_gate_stage
+
+        if (self.out / GATE_META).is_file():
+            gate = load_gate(self.out, model)
+            if gate.meta.get("direction_sha256") != direction_sha(self.spec) or gate.layer > self.spec.layer:
+                raise SafesteerError(f"{self.out / GATE_META} was fitted for another refusal direction; rerun "
+                                     f"`safesteer gate --out {self.out} --force`")
+            return gate
+        if parallel.world_size() > 1:
+            raise SafesteerError(f"gate=on needs {self.out / GATE_META}; run `safesteer gate --out {self.out}` first")
+        print(f"[gate] no gate in {self.out}: fitting one (`safesteer gate` does this stage alone)")
+        return run_gate_stage(model, tokenizer, self.run_info.get("base_model", {}), self.out, self.spec,
+                              GateConfig(seed=split_seed), progress=self.progress)
+
     # -- one step ------------------------------------------------------------------------------
 
-    def train_step(self, instructions: list[str], positions: Sequence[int] | None = None) -> dict:
+    def train_step(self, instructions: list[str], positions: Sequence[int] | None = None,
+                   contrast: Sequence[str] = (), contrast_positions: Sequence[int] = ()) -> dict:
         """Rollouts for these prompts, then one update on them; returns the step's metrics.
 
         `positions` are the prompts' places in the data order (default: the step's first places); they
         seed the rollouts, so a prompt gets the same samples on any process. With several processes
-        each passes its shard and the returned metrics are those of the whole step.
+        each passes its shard and the returned metrics are those of the whole step. `contrast` prompts
+        (beyond the paper), at `contrast_positions` of their own order, join the same rollout batch after
+        the harmful ones, seeded from a namespace of their own.
         """
         from ..eval.judges import is_refusal
-        from .rollout import sample_rollouts
+        from .rollout import RolloutModel, rollout_dtype, sample_rollouts
 
         cfg = self.config
         if positions is None:
             positions = range(self.step * cfg.prompts_per_step, self.step * cfg.prompts_per_step + len(instructions))
         t0 = time.perf_counter()
         student = self.accelerator.unwrap_model(self.model)  # sampling needs no gradient synchronisation
+        if getattr(self, "rollout_model", None) is None:  # a persistent bf16 copy to sample from (rollout.RolloutModel)
+            self.rollout_model = RolloutModel(student, rollout_dtype(cfg.generation_dtype, student, self.accelerator))
+        sampler = self.rollout_model.synced(student)  # the copy with this step's trainable weights, or the student
         seeds = rollout_seeds(cfg.seed, positions, cfg.rollouts_per_prompt)
-        with seeded_sampling(student, seeds, cfg.temperature, cfg.top_p):
-            batch = sample_rollouts(student, self.tokenizer, instructions, cfg.rollouts_per_prompt, cfg.max_new_tokens,
+        harmful, n_harmful = list(instructions), len(instructions) * cfg.rollouts_per_prompt
+        if contrast:  # beyond the paper: the contrast prompts after the harmful ones, in the same batch
+            seeds = seeds + rollout_seeds(f"contrast/{cfg.seed}", contrast_positions, cfg.rollouts_per_prompt)
+            instructions = harmful + list(contrast)
+        greedy = [n_harmful + j * cfg.rollouts_per_prompt for j in range(len(contrast))] if cfg.contrast_greedy else []
+        with greedy_rows(sampler, greedy), seeded_sampling(sampler, seeds, cfg.temperature, cfg.top_p):
+            batch = sample_rollouts(sampler, self.tokenizer, instructions, cfg.rollouts_per_prompt, cfg.max_new_tokens,
                                     cfg.temperature, cfg.top_p, self.eot_ids)
-        row = {"step": self.step + 1, "time_rollout_s": time.perf_counter() - t0, **self.update(batch)}
+        plan = self.row_plan(batch, harmful)  # None: the method as published
+        row = {"step": self.step + 1, "time_rollout_s": time.perf_counter() - t0,
+               "rollout_dtype": self.rollout_model.dtype_name or str(next(student.parameters()).dtype)[6:],
+               **(self.update(batch) if plan is None else self.update(batch, plan))}
         self.step += 1
         n_tokens = batch.n_tokens
-        row.update(rollout_refusal_rate=sum(map(is_refusal, batch.responses)) / len(batch.responses),
+        refused = [is_refusal(r) for r in batch.responses]
+        rates = {"rollout_refusal_rate": sum(refused[:n_harmful]) / n_harmful}  # the harmful rollouts'
+        if self.contrast:  # each group's own rates over all processes (they may hold unequal shares of a group)
+            groups = {"rollout_refusal_rate": (sum(refused[:n_harmful]), n_harmful),
+                      "contrast_refusal_rate": (sum(refused[n_harmful:]), len(refused) - n_harmful)}
+            if cfg.contrast_greedy:
+                groups["contrast_greedy_refusal_rate"] = (sum(refused[i] for i in greedy), len(greedy))
+            rates = self._global_means(groups)
+            row["contrast_example"] = batch.responses[n_harmful][:160] if len(refused) > n_harmful else ""
+        row.update(**rates,
                    completion_tokens=sum(n_tokens) / len(n_tokens),
                    finished_rate=sum(batch.finished) / len(batch.finished),
                    time_step_s=time.perf_counter() - t0, example=batch.responses[0][:160])
@@ -250,20 +378,22 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             return capture_layer_input(self.model, self.spec.layer, **inputs, use_cache=False)
 
-    def score(self, batch: Any, timings: dict | None = None) -> Any:
+    def score(self, batch: Any, timings: dict | None = None, plan: RowPlan | None = None) -> Any:
         """The loss between teacher and student on the rollouts (a loss.DistillationOutput), not back-propagated.
 
         With `share_lower_layers` the layers below the steering layer run once, under no_grad, and
         both models start at the steering layer from their output; otherwise each runs every layer.
         `timings`, if given, receives the teacher's seconds (shared pass included) and when it ended.
+        `plan` (beyond the paper) gives rows their own teacher coefficients and loss weights.
         """
         from ..core.loss import distillation_loss
 
+        plan = plan or RowPlan()
         cfg = self.config
         inputs = batch.model_inputs()
         t0 = time.perf_counter()
         start = self.lower_pass(inputs) if self.share_lower_layers else None
-        teacher_hidden = batch.scored_hidden(self.teacher.hidden(inputs, self.autocast, start))
+        teacher_hidden = batch.scored_hidden(self.teacher.hidden(inputs, self.autocast, start, plan.coeffs))
         t1 = time.perf_counter()
         self.model.train()
         with self.autocast():
@@ -271,19 +401,20 @@ class Trainer:
                 student_hidden = batch.scored_hidden(final_hidden_states(self.model, **inputs))
             out = distillation_loss(student_hidden, teacher_hidden, self.student_head, self.teacher.head,
                                     self.safety_ids, batch.completion_mask, variant=cfg.loss,
-                                    chunk_size=cfg.chunk_size, target_ids=batch.completion_ids)
+                                    chunk_size=cfg.chunk_size, target_ids=batch.completion_ids,
+                                    sequence_weights=plan.sequence_weights, position_weights=plan.position_weights)
         if timings is not None:
             timings.update(teacher=t1 - t0, teacher_end=t1)
         return out
 
-    def update(self, batch: Any) -> dict:
+    def update(self, batch: Any, plan: RowPlan | None = None) -> dict:
         """Teacher and student score the rollouts; one optimizer step on the loss between them."""
         cfg = self.config
         timings: dict = {}
-        out = self.score(batch, timings)
+        out = self.score(batch, timings, plan)
         t1 = timings["teacher_end"]
         # Through the accelerator: under DDP the student's forward and this backward synchronise the gradients.
-        self.accelerator.backward(out.loss * parallel.loss_weight(len(batch.responses)))
+        self.accelerator.backward(out.loss * self._loss_scale(len(batch.responses), plan))
         grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -292,7 +423,74 @@ class Trainer:
         self.model.eval()
         grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside its engine
         return {"loss": float(out.loss.detach()), **out.stats, "grad_norm": grad_norm, "lr": lr,
+                **self._plan_metrics(out.per_sequence, plan),
                 "time_teacher_s": timings["teacher"], "time_student_s": time.perf_counter() - t1}
+
+    # -- beyond the paper: per-row teacher coefficients and loss weights ------------------------------
+
+    def row_plan(self, batch: Any, harmful: Sequence[str]) -> RowPlan | None:
+        """This step's rows (harmful first, then contrast): teacher coefficients and loss weights; None when
+        no extension is on (the method as published). The same fields on every process, whatever its shard."""
+        cfg = self.config
+        if not (self.contrast or self.gate is not None or cfg.uses_opening_weight):
+            return None
+        n, n_harmful = len(batch.responses), len(harmful) * cfg.rollouts_per_prompt
+        plan = RowPlan()
+        if self.contrast or self.gate is not None:
+            coeff = torch.full((n_harmful,), float(getattr(self.spec, "coeff", 1.0)))
+            if self.gate is not None:
+                plan.gate = self._gate_of(harmful).repeat_interleave(cfg.rollouts_per_prompt)
+                coeff = coeff * plan.gate
+            plan.coeffs = torch.cat([coeff, torch.full((n - n_harmful,), float(cfg.contrast_coeff))])
+        if self.contrast:
+            plan.contrast = torch.arange(n) >= n_harmful
+            plan.sequence_weights = torch.where(plan.contrast, float(cfg.contrast_weight), 1.0)
+        if cfg.uses_opening_weight:
+            plan.position_weights = torch.ones(batch.completion_mask.shape)
+            plan.position_weights[:, : cfg.opening_tokens] = cfg.opening_weight
+        return plan
+
+    def _gate_of(self, prompts: Sequence[str]) -> torch.Tensor:
+        """g of each prompt, read from the base model (adapter off) once and remembered: it never changes."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.gate_values]
+        if missing:
+            self.teacher.model.eval()
+            with self.teacher.base():
+                values = self.gate.values(self.teacher.model, self.tokenizer, missing)
+            self.gate_values.update(zip(missing, values.tolist()))
+        return torch.tensor([self.gate_values[p] for p in prompts], dtype=torch.float32)
+
+    @staticmethod
+    def _global_means(pairs: dict[str, tuple[float, float]]) -> dict[str, float]:
+        """{name: (sum, count)} added up over processes -> {name: sum / count} (NaN without a count)."""
+        flat = parallel.all_reduce_sum(torch.tensor([x for pair in pairs.values() for x in pair],
+                                                    dtype=torch.float64)).tolist()
+        return {k: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else math.nan for i, k in enumerate(pairs)}
+
+    def _loss_scale(self, n_rows: int, plan: RowPlan | None) -> float:
+        """Factor on this process's loss so that DDP's gradient average is the gradient of the global loss:
+        `parallel.loss_weight` for a mean over rows; for a weighted mean, this process's share of the weights."""
+        if plan is None or plan.sequence_weights is None or parallel.world_size() == 1:
+            return parallel.loss_weight(n_rows)
+        local = float(plan.sequence_weights.sum())
+        total = float(parallel.all_reduce_sum(torch.tensor([local], dtype=torch.float64))[0])
+        return local * parallel.world_size() / total
+
+    def _plan_metrics(self, per_sequence: torch.Tensor, plan: RowPlan | None) -> dict:
+        """The harmful and contrast rows' own losses, and the gate's mean value on the harmful rows."""
+        out: dict[str, float] = {}
+        if plan is None:
+            return out
+        if plan.contrast is not None:
+            loss = per_sequence.detach().double().cpu()
+            has = ~torch.isnan(loss)
+            groups = {}
+            for name, rows in (("harmful_loss", ~plan.contrast & has), ("contrast_loss", plan.contrast & has)):
+                groups[name] = (float(loss[rows].sum()), int(rows.sum()))
+            out.update(self._global_means(groups))
+        if plan.gate is not None:
+            out.update(self._global_means({"teacher_gate_mean": (float(plan.gate.sum()), len(plan.gate))}))
+        return out
 
     def train(self, max_steps: int | None = None) -> list[dict]:
         """Run to `config.steps` (or stop after `max_steps` more steps); returns this call's metric rows."""
@@ -307,8 +505,14 @@ class Trainer:
             at = self.step * cfg.prompts_per_step
             positions = parallel.shard(range(at, at + cfg.prompts_per_step))  # this process's part of the step
             instructions = [self.prompts[self.order[i]] for i in positions]
+            extra = {}
+            if self.contrast:  # beyond the paper: this step's contrast prompts, from their own data order
+                at = self.step * cfg.contrast_prompts_per_step
+                c_positions = parallel.shard(range(at, at + cfg.contrast_prompts_per_step))
+                extra = {"contrast": [self.contrast[self.contrast_order[i]] for i in c_positions],
+                         "contrast_positions": c_positions}
             step_seed(cfg.seed, self.step)
-            row = self.train_step(instructions, positions)
+            row = self.train_step(instructions, positions, **extra)
             if main:
                 append_jsonl(self.out / "metrics.jsonl", [row])
             rows.append(row)
@@ -332,8 +536,11 @@ class Trainer:
         return self.out / CHECKPOINT_NAME
 
     def _state_record(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "order": self.order, "config": asdict(self.config),
-                "prompts_sha256": sha256_texts(self.prompts), "safety_ids": self.safety_ids.tolist()}
+        record = {"format": CHECKPOINT_FORMAT, "step": self.step, "order": self.order, "config": asdict(self.config),
+                  "prompts_sha256": sha256_texts(self.prompts), "safety_ids": self.safety_ids.tolist()}
+        if self.contrast:
+            record.update(contrast_order=self.contrast_order, contrast_sha256=sha256_texts(self.contrast))
+        return record
 
     def save_checkpoint(self) -> Path:
         """Every process gathers the full state (FSDP needs all of them); the main process writes it."""
@@ -367,6 +574,7 @@ class Trainer:
                                       torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         self.step, self.order = int(state["step"]), list(state["order"])
+        self.contrast_order = list(state.get("contrast_order", self.contrast_order))
         if main:
             drop_metrics_after(self.out, self.step)
 
@@ -392,6 +600,7 @@ class Trainer:
             "saved_as": "adapter" if (self.config.finetune == "lora" and not self.config.merge) else "model",
             "train_prompts": {"n": len(self.prompts), "sha256": sha256_texts(self.prompts)},
             "direction": {"layer": getattr(self.spec, "layer", None), "coeff": getattr(self.spec, "coeff", None)},
+            **self._beyond_paper_record(),
             "safety_tokens": {"ids": self.safety_ids.tolist(),
                               "texts": [self.tokenizer.decode([i]) for i in self.safety_ids.tolist()]},
             "final_metrics": metrics[-1] if metrics else None,
@@ -399,6 +608,26 @@ class Trainer:
                          "transformers": transformers.__version__, "peft": peft_version},
             **self.run_info,
         }
+
+    def _beyond_paper_record(self) -> dict:
+        """The declared extensions of method.md this run uses (an empty list: the method as published)."""
+        from .config import PRESET_HELP
+
+        cfg = self.config
+        record: dict[str, Any] = {"beyond_paper": cfg.beyond_paper, "preset_help": PRESET_HELP.get(cfg.preset)}
+        if self.contrast:
+            record["contrast_prompts"] = {"source": cfg.contrast, "n": len(self.contrast),
+                                          "sha256": sha256_texts(self.contrast), "per_step": cfg.contrast_prompts_per_step,
+                                          "weight": cfg.contrast_weight, "teacher_coeff": cfg.contrast_coeff,
+                                          "greedy_rollout": cfg.contrast_greedy}
+        if cfg.uses_opening_weight:
+            record["opening_weight"] = {"tokens": cfg.opening_tokens, "weight": cfg.opening_weight}
+        if self.gate is not None:
+            meta = self.gate.meta or {}
+            record["gate"] = {"layer": self.gate.layer, "shape": self.gate.shape, "kind": meta.get("kind"),
+                              "thresholds": {"low": self.gate.low, "high": self.gate.high},
+                              "chosen": meta.get("chosen"), "mean_gate": meta.get("mean_gate")}
+        return record
 
     def save_model(self) -> Path:
         """OUT/model: the merged student (or the adapter), tokenizer with chat template, safesteer.json.

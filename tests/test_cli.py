@@ -1,0 +1,82 @@
+"""The command line: every command's settings come from its config dataclass the same way, and the
+stages run one by one get the presets `align` uses."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from safesteer import pipeline
+from safesteer.cli import build_parser, config_values, resolve_preset, value_parser
+from safesteer.errors import SafesteerError
+from safesteer.eval.suites import EvalConfig
+from safesteer.teacher.direction import DirectionConfig
+from safesteer.teacher.tokens import SafetyTokenConfig
+from safesteer.train.config import default_preset
+
+
+def test_values_are_read_by_their_field_types():
+    @dataclass
+    class Cfg:
+        n: int = 1
+        floor: float | None = None
+        layers: tuple[int, ...] | None = None
+        names: tuple[str, ...] = ()
+        flag: bool = False
+
+    hints = {"n": int, "floor": float | None, "layers": tuple[int, ...] | None, "names": tuple[str, ...], "flag": bool}
+    assert value_parser(hints["n"])("3") == 3
+    assert value_parser(hints["floor"])("1e-3") == 1e-3 and value_parser(hints["floor"])("none") is None
+    assert value_parser(hints["layers"])("6-8,10") == (6, 7, 8, 10)
+    assert value_parser(hints["names"])("a, b") == ("a", "b")
+    assert value_parser(hints["flag"])("yes") is True and value_parser(hints["flag"])("off") is False
+    with pytest.raises(ValueError):
+        value_parser(hints["flag"])("maybe")
+
+
+def test_tokens_direction_and_align_resolve_the_same_presets():
+    parser = build_parser()
+    tokens = parser.parse_args(["tokens", "--out", "x", "--preset", "cpu"])
+    align = parser.parse_args(["align", "--out", "x", "--preset", "cpu"])
+    from_tokens = SafetyTokenConfig.from_preset(resolve_preset(tokens.preset), **config_values(tokens, SafetyTokenConfig))
+    from_align = SafetyTokenConfig.from_preset(align.preset, **pipeline.stage_settings(align, SafetyTokenConfig, "tokens"))
+    assert from_tokens == from_align
+    assert (from_tokens.min_steered_prob, from_tokens.top_k_per_position) == (1e-3, 10)
+    paper = parser.parse_args(["tokens", "--out", "x", "--preset", "paper", "--n-tokens", "20"])
+    config = SafetyTokenConfig.from_preset(paper.preset, **config_values(paper, SafetyTokenConfig))
+    assert (config.min_steered_prob, config.top_k_per_position, config.n_tokens) == (None, 200, 20)
+    for command in ("tokens", "direction", "align"):
+        assert resolve_preset(parser.parse_args([command, "--out", "x"]).preset) == default_preset()
+
+
+def test_align_takes_stage_settings_as_options_and_as_key_value():
+    args = build_parser().parse_args([
+        "align", "--out", "x", "--direction", "elsewhere", "--direction.layers", "6-8", "--no-direction.filter-prompts",
+        "--direction-config", "n_val=8", "--tokens.n-tokens", "20", "--tokens-config", "rank-by=weighted"])
+    assert args.direction == "elsewhere"  # --direction DIR is not shadowed by --direction.FIELD
+    assert pipeline.stage_settings(args, DirectionConfig, "direction") == {
+        "n_val": 8, "layers": (6, 7, 8), "filter_prompts": False}
+    assert pipeline.stage_settings(args, SafetyTokenConfig, "tokens") == {"rank_by": "weighted", "n_tokens": 20}
+    args.tokens_config = ["n_tokens=oops"]
+    with pytest.raises(SafesteerError, match="n_tokens=oops"):
+        pipeline.stage_settings(args, SafetyTokenConfig, "tokens")
+
+
+def test_eval_takes_only_the_options_given_and_keeps_its_flag_names():
+    parser = build_parser()
+    assert config_values(parser.parse_args(["eval", "--out", "x"]), EvalConfig) == {}
+    args = parser.parse_args(["eval", "--out", "x", "--model", "a", "--model", "b", "--harmful", "x,y.csv",
+                              "--edgy", "e.csv", "--suites", "safety,drift", "--no-builtin", "--n-mmlu", "all",
+                              "--field", "q", "--no-progress", "--sample", "--lm-eval-tasks", "mmlu,gsm8k"])
+    assert args.model == ["a", "b"]
+    assert config_values(args, EvalConfig) == {
+        "harmful_sets": ("x,y.csv",), "overrefusal_sets": ("e.csv",), "suites": ("safety", "drift"),
+        "builtin": False, "n_mmlu": None, "field_name": "q", "progress": False, "sample": True,
+        "lm_eval_tasks": ("mmlu", "gsm8k")}
+
+
+def test_every_command_builds_and_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"generate", "direction", "tokens", "chat", "align", "eval", "report", "memory"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.description and sub.format_help(), name
