@@ -146,3 +146,32 @@ def test_rollouts_from_the_bf16_copy_are_the_bf16_students_samples(smol_tokenize
         cast_in_place = roll(model)
     assert torch.equal(from_copy, cast_in_place)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # restored exactly
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_prompt_is_encoded_once_for_its_rollouts(smol_tokenizer, arch, monkeypatch):
+    """The G rollouts of a prompt share one prefill of it (its KV cache repeated G times); the samples are
+    those of a batch that encodes every row itself."""
+    from safesteer.core import generation
+    from safesteer.core.sampling import rollout_seeds, seeded_sampling
+
+    tok = smol_tokenizer
+    model = make_tiny_model(tok, arch=arch)
+    seeds = rollout_seeds(0, [0, 1], 3)
+    shared = []
+    real = generation._shared_prompt_cache
+
+    def recording(*a, **k):
+        cache = real(*a, **k)
+        shared.append(None if cache is None else cache.get_seq_length())
+        return cache
+
+    monkeypatch.setattr(generation, "_shared_prompt_cache", recording)
+    with seeded_sampling(model, seeds):
+        once = sample_rollouts(model, tok, PROMPTS, rollouts_per_prompt=3, max_new_tokens=6)
+    assert shared == [once.prompt_len - 1]  # every prompt token but the last, cached once per prompt
+    monkeypatch.setattr(generation, "_shared_prompt_cache", lambda *a, **k: None)
+    with seeded_sampling(model, seeds):
+        every_row = sample_rollouts(model, tok, PROMPTS, rollouts_per_prompt=3, max_new_tokens=6)
+    assert torch.equal(once.sequences, every_row.sequences)
+    assert torch.equal(once.completion_mask, every_row.completion_mask)

@@ -107,8 +107,11 @@ class RolloutModel:
         self.copy = None
         weights = [p for p in student.parameters() if p.is_floating_point()]
         if dtype is not None and any(p.dtype != dtype for p in weights):
+            from ..core.generation import contiguous_head_input
+
             self.copy = _low_precision_copy(student, dtype)
             self._targets = dict(self.copy.named_parameters())
+            contiguous_head_input(self.copy)  # frozen bf16 head: see there (4 s per prefill otherwise)
 
     @property
     def dtype_name(self) -> str | None:
@@ -159,7 +162,7 @@ def sample_rollouts(
                               batch_size=len(formatted))
     model.eval()
     with plain_sampling(model):
-        out = generate_batch(model, tokenizer, formatted, config, eot_ids=eot_ids)
+        out = generate_batch(model, tokenizer, formatted, config, eot_ids=eot_ids, rows_per_prompt=rollouts_per_prompt)
     prompt_attention = out["attention_mask"].to(out["sequences"].device)
     mask = out["completion_mask"].to(prompt_attention.dtype)
     return RolloutBatch(
