@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from safesteer import pipeline
-from safesteer.cli import build_parser, config_values, resolve_preset, value_parser
+from safesteer.cli import build_parser, config_option, config_values, resolve_preset, stage_options, value_parser
 from safesteer.errors import SafesteerError
 from safesteer.eval.suites import EvalConfig
 from safesteer.teacher.direction import DirectionConfig
@@ -61,6 +61,19 @@ def test_align_takes_stage_settings_as_options_and_as_key_value():
         pipeline.stage_settings(args, SafetyTokenConfig, "tokens")
 
 
+def test_stage_errors_name_options_both_commands_accept():
+    """A stage's error cannot tell `safesteer STAGE` from `safesteer align`; the options it names parse in each."""
+    assert stage_options("direction", "kl_threshold", "layers") == (
+        "`safesteer direction` --kl-threshold, --layers; `safesteer align` --direction.kl-threshold, --direction.layers")
+    parser = build_parser()
+    for stage, config_cls, name, value, parsed in (("direction", DirectionConfig, "kl_threshold", "0.5", 0.5),
+                                                   ("tokens", SafetyTokenConfig, "horizon", "3", 3)):
+        own = parser.parse_args([stage, "--out", "x", config_option(name), value])
+        assert config_values(own, config_cls)[name] == parsed
+        align = parser.parse_args(["align", "--out", "x", config_option(name, f"{stage}."), value])
+        assert pipeline.stage_settings(align, config_cls, stage)[name] == parsed
+
+
 def test_eval_takes_only_the_options_given_and_keeps_its_flag_names():
     parser = build_parser()
     assert config_values(parser.parse_args(["eval", "--out", "x"]), EvalConfig) == {}
@@ -74,9 +87,25 @@ def test_eval_takes_only_the_options_given_and_keeps_its_flag_names():
         "lm_eval_tasks": ("mmlu", "gsm8k")}
 
 
+def test_compare_takes_the_evaluation_options_of_eval_and_its_points():
+    from safesteer.eval.compare import CompareConfig
+    from safesteer.eval.suites import eval_config_from_args
+
+    parser = build_parser()
+    options = ["--part", "tune", "--n-harmful", "64", "--n-edgy", "all", "--quick", "--no-builtin", "--edgy", "x,y.csv"]
+    compare = parser.parse_args(["compare", "--out", "x", "--run", "cpu=runs/a,b", "--run", "b=runs/b", "--teacher",
+                                 "runs/a", "--no-reuse-run-answers", *options])
+    assert eval_config_from_args(compare) == eval_config_from_args(parser.parse_args(["eval", "--out", "x", *options]))
+    assert eval_config_from_args(compare).part == "tune" and eval_config_from_args(compare).n_mmlu == 0  # --quick
+    assert config_values(compare, CompareConfig) == {"runs": ("cpu=runs/a,b", "b=runs/b"), "teachers": ("runs/a",),
+                                                     "gated": None, "reuse_run_answers": False}
+    default = parser.parse_args(["compare", "--out", "x", "--run", "cpu=runs/a"])
+    assert eval_config_from_args(default).part == "report"
+
+
 def test_every_command_builds_and_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"generate", "direction", "tokens", "chat", "align", "eval", "report", "memory"} <= set(commands)
+    assert {"generate", "direction", "tokens", "chat", "align", "eval", "compare", "report", "memory"} <= set(commands)
     for name, sub in commands.items():
         assert sub.description and sub.format_help(), name

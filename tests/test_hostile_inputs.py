@@ -277,6 +277,53 @@ def test_safety_tokens_with_ids_beyond_the_vocabulary_are_selected_again(tmp_pat
     assert again.ids == first.ids and load_safety_tokens(direction, model) == first.ids
 
 
+# ----------------------------------------------------------------------------- a full disk
+
+# Stage settings under which `align` runs whole on a tiny random model in seconds (such a model never refuses,
+# so the stage-1 filters are opened, and spreads its probability thin, so the token floor is off;
+# tests/test_kill_soak.py uses the same).
+TINY_ALIGN = ["--device", "cpu", "--preset", "cpu", "--prompts-per-step", "1", "--rollouts-per-prompt", "2",
+              "--max-new-tokens", "4", "--lora-r", "4", "--generation-dtype", "float32", "--skip-eval",
+              *[a for kv in ("n_train=8", "n_val=4", "batch_size=8", "filter_prompts=false", "max_layer_frac=1.0",
+                             "kl_threshold=1e9") for a in ("--direction-config", kv)],
+              *[a for kv in ("n_prompts=4", "samples_per_prompt=2", "horizon=3", "top_k_per_position=20",
+                             "n_tokens=10", "min_steered_prob=0") for a in ("--tokens-config", kv)]]
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import errno
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    argv = ["align", "--model", str(tiny_model_dir), "--out", str(out), "--steps", "3", *TINY_ALIGN]
+    real_save, checkpoint_writes = torch.save, []
+
+    def disk_fills_up(obj, path, *args, **kwargs):
+        if Path(path).parent.name.startswith(".checkpoint."):
+            checkpoint_writes.append(path)
+            if len(checkpoint_writes) == 3:  # step 2's optimizer state: half of it fits
+                Path(path).write_bytes(b"\x00" * 100)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_fills_up)
+        code, err = run_main(argv, capsys)
+    assert code == 2
+    assert_one_line(err, f"safesteer align: error: no space left on the disk while writing the checkpoint of step 2 "
+                         f"in {out}; free some space and rerun the same command to resume, or point --out at a "
+                         f"folder on another disk")
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1  # the last good one, whole
+    assert load_file(str(out / "checkpoint" / "trainable.safetensors"))
+    assert not list(out.glob(".checkpoint.*")) and not (out / "model").exists()  # the half-written one is gone
+
+    assert cli.main(argv) == 0  # space freed: the same command resumes from it
+    assert "resuming from step 1 of 3" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (out / "model" / "safesteer.json").is_file()
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
@@ -327,3 +374,75 @@ def test_interrupt_message_starts_its_own_line_after_a_progress_bar(monkeypatch,
     err = capsys.readouterr().err
     assert "generating:  30%" in err
     assert err.splitlines()[-1] == "safesteer generate: interrupted; rerun the same command to resume"
+
+
+# ----------------------------------------------------------------------------- --out: someone else's folder or file
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["align", "align --overwrite", "align --restart training", "direction", "tokens",
+                                     "gate", "eval"])
+def test_an_out_folder_that_is_not_a_safesteer_run_is_refused_and_never_cleaned(tmp_path, tiny_model_dir, capsys,
+                                                                               command):
+    """Issue #12 item 5: commands write into --out and remove things there (OUT/model, checkpoints, metrics,
+    answers), so a non-empty folder without the marker or a safesteer artifact is refused before anything."""
+    mine = tmp_path / "project"
+    for name, text in (("model/weights.bin", "mine"), ("checkpoint/notes.txt", "mine"), ("results.md", "mine")):
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text(text)
+    given = write_direction(tmp_path / "given", 32)
+    before = _snapshot(tmp_path)
+    name, *flags = command.split()
+    extra = {"tokens": ["--direction", str(given)], "gate": ["--direction", str(given)]}.get(name, [])
+    code, err = run_main([name, "--model", str(tiny_model_dir), "--out", str(mine), *extra, *flags], capsys)
+    assert code == 2
+    assert assert_one_line(err) == (
+        f"safesteer {name}: error: --out {mine} is a non-empty folder that is not a safesteer run (it has no "
+        f".safesteer-run); safesteer writes and removes files in --out, so choose a new or empty folder")
+    assert _snapshot(tmp_path) == before
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "run").write_text("a file")
+    code, err = run_main(["align", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert assert_one_line(err) == (f"safesteer align: error: --out {tmp_path / 'run'} is a file, not a folder; choose "
+                                    f"a folder for --out")
+    assert (tmp_path / "run").read_text() == "a file"
+
+
+def test_generate_refuses_an_answers_file_of_another_model_or_other_settings(tmp_path, tiny_model_dir, smol_tokenizer,
+                                                                            capsys):
+    """Issue #12 item 2 through the command: another --model (or setting) with the same --out is one line."""
+    from conftest import perturbed_copy
+    from safesteer.eval.suites import ModelEntry, model_fingerprint
+    from safesteer.io.models import load_model
+
+    other = tmp_path / "tiny-b"
+    perturbed_copy(load_model(str(tiny_model_dir), device="cpu").model).save_pretrained(other)
+    smol_tokenizer.save_pretrained(other)
+    (tmp_path / "p.txt").write_text("Say hi.\nName a colour.\n")
+    out = tmp_path / "r.jsonl"
+    argv = ["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--max-new-tokens", "3",
+            "--device", "cpu"]
+    assert cli.main([*argv, "--model", str(tiny_model_dir)]) == 0
+    assert cli.main([*argv, "--model", str(tiny_model_dir)]) == 0  # the same command resumes: nothing new
+    assert "(0 new" in capsys.readouterr().out
+    before = out.read_bytes()
+    weights = {str(m): model_fingerprint(ModelEntry(str(m), load_model(str(m), device="cpu").model, None))
+               for m in (tiny_model_dir, other)}
+    fix = f"rerun with the earlier model and settings to resume it, or choose a new --out (or delete {out} to start over)"
+
+    code, err = run_main([*argv, "--model", str(other)], capsys)
+    assert code == 2
+    assert assert_one_line(err) == (
+        f"safesteer generate: error: {out} holds answers made with another model or other settings (model "
+        f"{tiny_model_dir} (weights {weights[str(tiny_model_dir)]}) -> {other} (weights {weights[str(other)]})); {fix}")
+    code, err = run_main([*argv, "--model", str(tiny_model_dir), "--max-new-tokens", "4"], capsys)
+    assert code == 2
+    assert assert_one_line(err) == (f"safesteer generate: error: {out} holds answers made with another model or other "
+                                    f"settings (max_new_tokens 3 -> 4); {fix}")
+    assert out.read_bytes() == before

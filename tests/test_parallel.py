@@ -272,6 +272,18 @@ def test_fsdp2_teacher_sampling_and_checkpoint_state(tmp_path, model_dir):
     assert [r["completion_width"] for r in results] == [3, 8]
 
 
+def test_align_with_a_given_direction_trains_on_it_on_every_process(tmp_path, model_dir):
+    """Issue #12 item 3: `align --direction DIR` on two processes used OUT's direction after stage 2 (an
+    error, or, as here where OUT holds one of its own, a silently wrong teacher)."""
+    from safesteer.utils import sha256_file
+
+    _launch(2, "--model", str(model_dir), "--out", str(tmp_path), "--align")
+    record = json.loads((tmp_path / "run" / "model" / "safesteer.json").read_text())
+    assert record["direction"]["layer"] == 1  # the given direction's layer; OUT's own is at layer 2
+    assert record["artifacts"]["direction.safetensors"] == sha256_file(tmp_path / "given" / "direction.safetensors")
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_a_two_process_checkpoint_resumes_on_one_process(runs):
     resumed = _records(runs / "resumed")
     assert resumed[0]["start_step"] == 1 and len(resumed[0]["steps"]) == 1
@@ -304,11 +316,14 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--stages", action="store_true", help="run the direction stage and evaluation generation")
     parser.add_argument("--fsdp", action="store_true", help="check teacher, sampling and checkpoint state under FSDP2")
     parser.add_argument("--tokens", action="store_true", help="run the safety-token stage twice (compute, reuse)")
+    parser.add_argument("--align", action="store_true", help="`safesteer align --direction DIR` through the command line")
     args = parser.parse_args(argv)
     parallel.init()
     torch.set_num_threads(1)
     rank, out = parallel.rank(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.align:
+        return _align_worker(args.model, out)
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -362,6 +377,38 @@ def _worker(argv: list[str]) -> None:
     trainer.train()
     torch.save(parallel.trainable_state(student), out / f"final.rank{rank}.pt")
     (out / f"record.rank{rank}.json").write_text(json.dumps(record))
+
+
+def _align_worker(model_dir: str, out: Path) -> None:
+    """`align --direction OUT/given --out OUT/run` on every process, with OUT/run already holding another
+    direction (a stage 1 of its own): training must use the given one. Stage 2 is a stand-in."""
+    from conftest import Spec
+    from safesteer import cli, pipeline
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    given, run = out / "given", out / "run"
+    if parallel.is_main_process():
+        for folder, layer, seed in ((given, 1, 7), (run, 2, 8)):
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({"direction": Spec.random(layer=layer, seed=seed).direction}, str(folder / "direction.safetensors"))
+            (folder / "direction.json").write_text(json.dumps({"layer": layer, "coeff": 1.0, "position": -1}))
+    parallel.barrier()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    safety_ids = list(dict.fromkeys(tok(w, add_special_tokens=False)["input_ids"][0] for w in REFUSAL_WORDS))
+
+    def stand_in_tokens(args, preset, model, tokenizer, identity, out_dir):
+        if parallel.is_main_process():
+            (out_dir / "safety_tokens.json").write_text(json.dumps({"tokens": [{"id": i} for i in safety_ids]}))
+        parallel.barrier()
+        return False
+
+    pipeline._ensure_tokens = stand_in_tokens
+    code = cli.main(["align", "--model", model_dir, "--out", str(run), "--direction", str(given), "--preset", "cpu",
+                     "--steps", "1", "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "4",
+                     "--lora-r", "4", "--generation-dtype", "float32", "--device", "cpu", "--skip-eval"])
+    if code:
+        sys.exit(code)
 
 
 def _stages_worker(model, tok, out: Path) -> None:

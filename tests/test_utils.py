@@ -1,5 +1,6 @@
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,78 @@ def test_int_list_parsing():
     assert int_list("-1,-2") == (-1, -2)
     assert int_list("2-3,7") == (2, 3, 7)
     assert int_list(" 3 , ,4") == (3, 4)  # spaces and empty parts
+
+
+# ----------------------------------------------------------------------------- crash safety (issue #12, item 6)
+
+
+@pytest.fixture
+def disk_events(monkeypatch):
+    """Every fsync (by the path it reached) and every rename, in order."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the fsynced files")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, disk_events):
+    from safesteer.utils import write_json_atomic
+
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    (_, tmp), rename, folder = disk_events
+    assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".a.json.")  # the data, under its temporary name
+    assert rename == ("replace", tmp, str(tmp_path / "a.json"))
+    assert folder == ("fsync", str(tmp_path))  # the new name itself
+
+
+def test_a_folder_artifact_is_fsynced_whole_before_its_rename(tmp_path, disk_events):
+    from safesteer.utils import replace_dir
+
+    tmp = temp_dir_in(tmp_path, ".model.")
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "w.bin").write_bytes(b"w")
+    (tmp / "c.json").write_text("{}")
+    replace_dir(tmp, tmp_path / "model")
+    fsynced = [e[1] for e in disk_events[:-2]]
+    assert sorted(fsynced) == sorted(str(p) for p in (tmp, tmp / "sub", tmp / "sub" / "w.bin", tmp / "c.json"))
+    assert disk_events[-2:] == [("replace", str(tmp), str(tmp_path / "model")), ("fsync", str(tmp_path))]
+
+
+def test_disk_full_is_recognised_also_inside_a_library_error():
+    import errno
+
+    from safesteer.utils import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert is_disk_full(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)))
+    # safetensors' Rust writer: "Error while serializing: Os { code: 28, kind: StorageFull, message: ... }"
+    library_error = f'Error while serializing: Os {{ code: 28, message: "{os.strerror(errno.ENOSPC)}" }}'
+    assert is_disk_full(RuntimeError(library_error))
+    assert not is_disk_full(OSError(errno.EACCES, os.strerror(errno.EACCES)))
+    assert not is_disk_full(RuntimeError("shape mismatch"))
+
+
+def test_a_failed_write_on_a_disk_with_no_space_left_counts_as_disk_full(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from safesteer.utils import is_disk_full
+
+    # What torch.save raises when the disk fills up under it (measured by writing to /dev/full).
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert not is_disk_full(torch_error, tmp_path)  # plenty of space here: some other failure
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 4096))
+    assert is_disk_full(torch_error, tmp_path) and not is_disk_full(torch_error)

@@ -5,6 +5,7 @@
     safesteer tokens --out runs/demo               # stage 2: safety tokens S
     safesteer align --out runs/demo                # all stages, training, evaluation summary
     safesteer eval --model A --model B ...         # safety, over-refusal, capability
+    safesteer compare --out runs/cmp --run cpu=runs/demo --teacher runs/demo   # the trade-off, point by point
 
 Each stage module contributes its own sub-command through `add_cli(subparsers)`; this file builds the
 one parser from them, holds the shared options and turns user-fixable errors into one line instead of
@@ -26,7 +27,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .errors import SafesteerError
 
 # Modules that add sub-commands, in the order they appear in --help.
-STAGE_MODULES = ("teacher.direction", "teacher.tokens", "teacher.gate", "chat", "pipeline", "eval.suites", "report.build", "memory")
+STAGE_MODULES = ("teacher.direction", "teacher.tokens", "teacher.gate", "chat", "pipeline", "eval.suites", "eval.compare",
+                 "report.build", "memory")
 
 
 def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int], *, model: bool = False,
@@ -141,6 +143,19 @@ def _field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def config_option(name: str, prefix: str = "") -> str:
+    """The option `add_config_args` gives the config field `name`: --PREFIXname-with-dashes."""
+    return "--" + prefix + name.replace("_", "-")
+
+
+def stage_options(stage: str, *names: str) -> str:
+    """For a stage's error messages, which cannot tell the command that ran: the options that set these
+    fields of the stage's config in `safesteer STAGE` and in `safesteer align` (prefixed STAGE., see
+    pipeline.add_cli), e.g. "`safesteer tokens` --horizon; `safesteer align` --tokens.horizon"."""
+    return (f"`safesteer {stage}` {', '.join(config_option(n) for n in names)}; "
+            f"`safesteer align` {', '.join(config_option(n, stage + '.') for n in names)}")
+
+
 def add_config_args(p, config_cls: type, names: Iterable[str] | None = None, *, default: Any = None,
                     prefix: str = "", flags: Mapping[str, str | Sequence[str]] | None = None,
                     types: Mapping[str, Callable[[str], Any]] | None = None,
@@ -164,7 +179,7 @@ def add_config_args(p, config_cls: type, names: Iterable[str] | None = None, *, 
     by_name = {f.name: f for f in dataclasses.fields(config_cls)}
     for f in (by_name[name] for name in names) if names is not None else by_name.values():
         value = _field_default(f)
-        option = (flags or {}).get(f.name) or "--" + prefix + f.name.replace("_", "-")
+        option = (flags or {}).get(f.name) or config_option(f.name, prefix)
         options = (option,) if isinstance(option, str) else tuple(option)
         text = ((helps or {}).get(f.name) or f.metadata.get("help", "")).replace("%", "%%")
         by_preset = {name: values.get(f.name, value) for name, values in (presets or {}).items()}
@@ -233,18 +248,22 @@ GENERATE_HELP = {"max_new_tokens": "new tokens per answer", "do_sample": "sample
 def _cmd_generate(args: argparse.Namespace) -> int:
     """answer a prompt set with a model; resumable JSONL output
 
-    Batched generation (left padding). Rerunning with the same --out skips prompts already answered with the
-    same settings.
+    Batched generation (left padding). Rerunning with the same --out skips prompts already answered by the
+    same model with the same settings; an --out holding answers of another model or other settings is refused.
     """
     from .core.generation import GenerationConfig, generate_responses
     from .eval.judges import KeywordRefusalJudge
     from .eval.stats import Rate
+    from .eval.suites import ModelEntry, model_fingerprint
     from .io.prompts import load_prompts
 
     prompts = load_prompts(args.prompts, field=args.field, limit=args.limit)
     config = GenerationConfig(**config_values(args, GenerationConfig))
     model, tokenizer = load_model_from_args(args)
-    rows, stats = generate_responses(model, tokenizer, prompts, config, out_path=args.out, extra={"model": args.model})
+    # The weights, not the name: the file's answers are reused only for the very model that wrote them.
+    fingerprint = model_fingerprint(ModelEntry(args.model, model, tokenizer))
+    rows, stats = generate_responses(model, tokenizer, prompts, config, out_path=args.out, extra={"model": args.model},
+                                     fingerprint=fingerprint)
     verdicts = KeywordRefusalJudge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
     refused = Rate(sum(bool(v.refused) for v in verdicts), len(verdicts))
     speed = stats.new_tokens / stats.seconds if stats.seconds > 0 and stats.new_tokens else float("nan")
@@ -257,7 +276,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _add_generate(sub) -> None:
     from .core.generation import GenerationConfig
 
-    p = add_command(sub, "generate", _cmd_generate, model=True, out="responses JSONL (appended to; resumable)")
+    p = add_command(sub, "generate", _cmd_generate, model=True,
+                    out="responses JSONL (appended to; resumable by the same model with the same settings)")
     add_prompt_args(p, {"--prompts": "the prompts"}, default="advbench")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     add_config_args(p, GenerationConfig, default=FIELD_DEFAULT, flags={"do_sample": "--sample", "dtype": "--generation-dtype"},
@@ -308,6 +328,16 @@ def main(argv: list[str] | None = None) -> int:
         _end_progress_bars()
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk anywhere else than the checkpoint and the model (they say so themselves)
+        from .utils import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        _end_progress_bars()
+        print(f"{prog}: error: no space left on the disk" + (f" while writing {exc.filename}" if exc.filename else "")
+              + "; free some space and rerun the same command to resume, or point --out at a folder on another disk",
+              file=sys.stderr)
+        return 2
 
 
 def _end_progress_bars() -> None:

@@ -232,7 +232,7 @@ def loss_weight(n_local: int) -> float:
 # Metrics that core.loss.distillation_loss averages over valid tokens (the rest of a step's numbers are
 # per-sequence means, per-step constants or timings).
 TOKEN_MEAN_KEYS = ("student_s_mass", "teacher_s_mass", "student_entropy", "sampled_kl")
-SAME_ON_ALL_KEYS = ("step", "lr", "grad_norm")
+SAME_ON_ALL_KEYS = ("step", "lr", "grad_norm", "nonfinite_skips")
 
 
 def reduce_metrics(row: dict, n_sequences: int, n_tokens: int) -> dict:
@@ -264,7 +264,7 @@ def reduce_metrics(row: dict, n_sequences: int, n_tokens: int) -> dict:
     return out
 
 
-def _shards_weights(accel: Any) -> bool:
+def shards_weights(accel: Any) -> bool:
     """FSDP, or DeepSpeed ZeRO-3: no process holds whole weights outside a forward."""
     from accelerate.utils import DistributedType
 
@@ -280,14 +280,14 @@ def check_trainable(accel: Any, prompts_per_step: int, merge_lora: bool) -> None
         raise SafesteerError(f"prompts_per_step is {prompts_per_step} but {accel.num_processes} processes were "
                              f"launched; each process needs at least one prompt per step (raise --prompts-per-step "
                              f"or launch fewer processes)")
-    if merge_lora and _shards_weights(accel):
+    if merge_lora and shards_weights(accel):
         raise SafesteerError("a LoRA student cannot be merged into sharded (FSDP / ZeRO-3) weights; pass "
                              "--adapter-only and merge the adapter on one device afterwards")
 
 
 def full_model_state(accel: Any, model: Any) -> dict | None:
     """The whole model's state dict for saving when weights are sharded (a collective), else None."""
-    return accel.get_state_dict(model) if _shards_weights(accel) else None
+    return accel.get_state_dict(model) if shards_weights(accel) else None
 
 
 # Checkpoints hold full tensors keyed by parameter name, whatever the engine, so that a run can

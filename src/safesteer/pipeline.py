@@ -7,20 +7,52 @@ rerun finds a matching result (`teacher.direction.run_direction_stage`, `teacher
 training resumes from its last checkpoint and is skipped when OUT/model is complete, and the summary
 (`eval.suites.align_summary`) resumes from the answers already generated. Every stage's wall-clock
 (and whether it was reused) goes to OUT/timings.json, earlier runs' timings kept under previous_runs.
+
+Reuse is never silent about a change. Each stage's artifact records what made it: stage 1 the model,
+its prompts and settings (direction.json), stage 2 those plus the direction's sha256 (safety_tokens.json),
+training the model, its settings, the training prompts and the sha256 of the direction and token files
+(OUT/model/safesteer.json, and the checkpoint while it runs). A rerun whose model, prompts, settings or
+upstream artifacts differ from that record stops with one line naming the first differences (OLD -> NEW)
+and the ways out: the same options again, --restart STAGE (redo STAGE and the stages after it),
+--overwrite (start the run over) or a new --out. The summary's own settings (--eval-limit,
+--eval-max-new-tokens, --eval-part) never make a run stale: the summary is evaluated again on every run,
+reusing only answers generated with the same settings, and the trained model stays as it is.
+OUT must be new, empty or a safesteer run (`io.run_dir`): align writes and removes files there.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import parallel
 from .core.loss import LOSS_VARIANTS
+from .errors import SafesteerError
+from .io.run_dir import changed_settings, check_out_dir, claim_out_dir, remove_run_files, summarize_changes
 from .train.config import FINETUNE_MODES, PAPER_LR, PRESETS, TrainConfig, stage_preset
-from .utils import read_json, sha256_file, write_json_atomic
+from .utils import phase, read_json, sha256_file, sha256_texts, write_json_atomic
+
+STAGES = ("direction", "tokens", "training", "summary")
+# What each stage leaves in OUT: --restart STAGE removes these for STAGE and every later stage.
+STAGE_FILES = {
+    # The gate (`safesteer gate`, gate=on) is fitted for the direction, so it goes with it.
+    "direction": ("direction.safetensors", "direction.json", "direction_scores.png", "direction_failed.json",
+                  "direction_failed.png", "gate.safetensors", "gate.json"),
+    "tokens": ("safety_tokens.json", "safety_tokens.png"),
+    "training": ("checkpoint", ".checkpoint.*", "model", ".model.*", "metrics.jsonl"),
+    # The base model's answers (OUT/eval/base) stay: they depend on neither the direction nor training.
+    "summary": ("eval/aligned", "eval/teacher", "eval/results.json", "eval/results.md", "representation.json",
+                "report.html"),
+}
+# --overwrite removes these as well: the run starts over.
+RUN_FILES = ("eval", "timings.json")
+# Training settings that do not change the trained model: how often it checkpoints, after how many non-finite
+# steps in a row it stops, and the preset's name
+# (the values it sets are compared one by one).
+TRAINING_FREE = ("checkpoint_every", "max_nonfinite_steps", "preset")
 
 
 def output_is_complete(out_dir: str | Path) -> bool:
@@ -35,6 +67,40 @@ def stage_settings(args: argparse.Namespace, config_cls: type, stage: str) -> di
     values = parse_assignments(getattr(args, f"{stage}_config"), config_cls, f"--{stage}-config")
     values.update({k: v for k, v in config_values(args, config_cls, prefix=f"{stage}.").items() if v is not None})
     return values
+
+
+def stage_config(config_cls: type, preset: str, values: dict) -> Any:
+    """`config_cls.from_preset(preset)` with `values`. from_preset drops None (an option not given), so a
+    value the user set to none on purpose (--direction-config induce_fraction=none) is applied after it."""
+    from dataclasses import replace
+
+    config = config_cls.from_preset(preset, **values)
+    chosen_none = {k: None for k, v in values.items() if v is None}
+    return replace(config, **chosen_none) if chosen_none else config
+
+
+def _stale(out: Path, what: str, stage: str, verb: str = "reuse") -> Callable[[list[str]], None]:
+    """What a stage calls when OUT holds its result made otherwise (`changes`): one line, and the ways out."""
+    def refuse(changes: list[str]) -> None:
+        raise SafesteerError(f"{out} holds {what} made with other settings or inputs ({summarize_changes(changes)}); "
+                             f"rerun with the earlier settings to {verb} it, pass --restart {stage} to redo {stage} "
+                             f"and the stages after it, --overwrite to start the run over, or choose a new --out")
+    return refuse
+
+
+def _start_over(args: argparse.Namespace, out: Path) -> None:
+    """--overwrite: remove what earlier align runs left in OUT; --restart STAGE: STAGE's files and every later stage's."""
+    if not (args.overwrite or args.restart):
+        return
+    first = STAGES[0] if args.overwrite else args.restart
+    patterns = [name for stage in STAGES[STAGES.index(first):] for name in STAGE_FILES[stage]]
+    if args.overwrite:
+        patterns += RUN_FILES
+    if parallel.is_main_process():
+        removed = remove_run_files(out, patterns)
+        what = "starting the run over" if args.overwrite else f"redoing {first} and the stages after it"
+        print(f"{what}: removed {', '.join(removed) if removed else 'nothing'} from {out}")
+    parallel.barrier()
 
 
 def _record_timing(out: Path, timings: dict) -> None:
@@ -61,11 +127,12 @@ def _ensure_direction(args, model, tokenizer, identity, out: Path) -> tuple[Any,
     values = {"seed": args.split_seed}  # DirectionConfig.seed names the built-in split it was given
     values.update(stage_settings(args, DirectionConfig, "direction"))
     # The align presets carry the direction presets of the same name (cpu: the relative induce filter).
-    config = DirectionConfig.from_preset(_stage(args.preset, DIRECTION_PRESETS), **values)
+    config = stage_config(DirectionConfig, _stage(args.preset, DIRECTION_PRESETS), values)
     before = _mtime(out / META_FILE)
     spec = run_direction_stage(model, tokenizer, identity, out, splits["harmful"]["direction_train"],
                                splits["harmless"]["direction_train"], splits["harmful"]["direction_val"],
-                               splits["harmless"]["direction_val"], config)
+                               splits["harmless"]["direction_val"], config,
+                               on_change=_stale(out, "a refusal direction (stage 1)", "direction"))
     return spec, before is not None and _mtime(out / META_FILE) == before
 
 
@@ -81,12 +148,12 @@ def _ensure_tokens(args, preset: str, model, tokenizer, identity, out: Path) -> 
     from .teacher.tokens import JSON_NAME, TOKEN_PRESETS, SafetyTokenConfig, filter_harmless, run_token_stage
 
     # The align presets carry the token presets of the same name (cpu: floor 1e-3, K' = 10).
-    config = SafetyTokenConfig.from_preset(_stage(preset, TOKEN_PRESETS),
-                                           **stage_settings(args, SafetyTokenConfig, "tokens"))
+    config = stage_config(SafetyTokenConfig, _stage(preset, TOKEN_PRESETS), stage_settings(args, SafetyTokenConfig, "tokens"))
     before = _mtime(out / JSON_NAME)
     prompts = filter_harmless(model, tokenizer, builtin_splits(args.split_seed)["harmless"]["direction_val"],
                               config.n_prompts)
-    run_token_stage(model, tokenizer, identity, args.direction or out, out, prompts, config, progress=True)
+    run_token_stage(model, tokenizer, identity, args.direction or out, out, prompts, config, progress=True,
+                    on_change=_stale(out, "safety tokens (stage 2)", "tokens"))
     return before is not None and _mtime(out / JSON_NAME) == before
 
 
@@ -109,6 +176,7 @@ def summarize(args: argparse.Namespace, out: Path) -> dict:
     """
     from .eval.suites import align_summary, load_align_entries
 
+    phase("summary")  # the kill -9 soak test stops runs at these announced points
     entries = load_align_entries(out, args.model, out / "model", args)
     if parallel.is_main_process():
         record_representation(args, out, entries[0], entries[-1])
@@ -145,19 +213,73 @@ def write_run_documents(out: Path) -> None:
     print(f"wrote {report}" + (f" and the model card {card}" if card else ""))
 
 
-def _train(args: argparse.Namespace, model: Any, tokenizer: Any, identity: dict, spec: Any, prompts: Sequence[Any],
+def _run_info(args: argparse.Namespace, identity: dict, out: Path) -> dict:
+    """What training is made from besides its settings and prompts: the base model, the prompt source and the
+    stage-1/2 artifacts by sha256. Recorded in OUT/model/safesteer.json and the checkpoint, compared on a rerun."""
+    direction_dir = Path(args.direction) if args.direction else out
+    return {"base_model": identity,
+            "data": {"train_prompts_source": args.prompts or "builtin:harmful/train", "split_seed": args.split_seed},
+            "artifacts": {name: sha256_file(folder / name) for folder, name in (
+                (direction_dir, "direction.safetensors"), (direction_dir, "direction.json"),
+                (out, "safety_tokens.json"))}}
+
+
+def _prompts_sha(prompts: Sequence[Any], config: TrainConfig) -> str:
+    """The sha256 of the prompts training uses (the first num_prompts of them), as the Trainer records it."""
+    from .io.prompts import prompt_texts
+
+    texts = prompt_texts(prompts)
+    return sha256_texts(texts[: config.num_prompts] if config.num_prompts else texts)
+
+
+def stored_training_changes(out: Path, info: dict, config: TrainConfig, prompts_sha: str) -> tuple[str, list[str]]:
+    """What OUT holds of stage 3 ("a trained model", "an interrupted training run", or "" for nothing) and
+    how it was made differently from this run: one 'SETTING OLD -> NEW' line per difference in settings,
+    training prompts, base model, split seed and stage-1/2 artifacts ([] when they match)."""
+    from .io.models import comparable_identity
+    from .train.checkpoint import find_checkpoint
+
+    free = TRAINING_FREE
+    if output_is_complete(out):
+        what, path = "a trained model", out / "model" / "safesteer.json"
+    else:
+        ckpt = find_checkpoint(out, tidy=False)
+        if ckpt is None:
+            return "", []
+        # Merging happens when the model is saved, so a resumed run may change it.
+        what, path, free = "an interrupted training run", ckpt / "state.json", (*TRAINING_FREE, "merge")
+    try:
+        record = read_json(path)
+    except (OSError, ValueError, RecursionError):
+        return what, [f"{path.relative_to(out)} is unreadable"]
+    if what == "a trained model":
+        prompts_before = (record.get("train_prompts") or {}).get("sha256")
+    else:  # the checkpoint's own fields, and what align gave the Trainer (run_info, absent in older checkpoints)
+        prompts_before, record = record.get("prompts_sha256"), {**(record.get("run_info") or {}), **record}
+    # A setting added after the record was written counts as its default, the behaviour it had then; one
+    # that no longer exists is not compared.
+    now = asdict(config)
+    before = {f.name: f.default for f in fields(TrainConfig)} | (record.get("config") or {})
+    changes = changed_settings({k: before[k] for k in now}, now, skip=free)
+    changes += changed_settings({"training prompts": prompts_before}, {"training prompts": prompts_sha})
+    # Parts an older record lacks are not compared: it was written before they were recorded.
+    if "base_model" in record:
+        changes += changed_settings(comparable_identity(record["base_model"]), comparable_identity(info["base_model"]),
+                                    "model.")
+    if "split_seed" in (record.get("data") or {}):
+        changes += changed_settings({"split_seed": record["data"]["split_seed"]}, {"split_seed": info["data"]["split_seed"]})
+    if "artifacts" in record:
+        changes += changed_settings(record["artifacts"], info["artifacts"])
+    return what, changes
+
+
+def _train(args: argparse.Namespace, model: Any, tokenizer: Any, info: dict, spec: Any, prompts: Sequence[Any],
            config: TrainConfig, out: Path) -> dict:
     """Stage 3 into OUT (resumed from its checkpoint if there is one); returns the stage's timing record."""
     from .teacher.tokens import load_safety_tokens
     from .train.trainer import Trainer
 
     t0 = time.time()
-    direction_dir = Path(args.direction) if args.direction else out
-    info = {"base_model": identity,
-            "data": {"train_prompts_source": args.prompts or "builtin:harmful/train", "split_seed": args.split_seed},
-            "artifacts": {name: sha256_file(folder / name) for folder, name in (
-                (direction_dir, "direction.safetensors"), (direction_dir, "direction.json"),
-                (out, "safety_tokens.json"))}}
     trainer = Trainer(model, tokenizer, spec, load_safety_tokens(out, model), prompts, config, out, run_info=info)
     resumed_at = trainer.step
     if resumed_at:
@@ -186,7 +308,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
     parallel.init()  # launched on several processes: join them before the model is loaded onto this one's GPU
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out)  # before minutes of loading; the folder is claimed (created, marked) once the inputs are read
     args.preset = resolve_preset(args.preset)
     if args.prompts:
         prompts = load_prompts(args.prompts, field=args.field)
@@ -194,6 +316,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         prompts = stage_prompts(None, "train", "harmful", args.split_seed)
     stages: dict[str, dict] = {}
     t_start = time.time()
+    claimed = False
 
     def timed(name: str, fn, *a):
         t0 = time.time()
@@ -210,6 +333,9 @@ def _cmd_align(args: argparse.Namespace) -> int:
         print(f"preset {args.preset}: {config.steps} steps x {config.prompts_per_step} prompts x "
               f"{config.rollouts_per_prompt} rollouts, {config.max_new_tokens} new tokens, {config.finetune}, "
               f"loss {config.loss}, lr {config.learning_rate:g}")
+        claim_out_dir(out, "align")
+        claimed = True
+        _start_over(args, out)
         spec, reused = timed("direction", _ensure_direction, args, model, tokenizer, identity, out)
         stages["direction"]["reused"] = reused
         reused = timed("tokens", _ensure_tokens, args, args.preset, model, tokenizer, identity, out)
@@ -218,19 +344,23 @@ def _cmd_align(args: argparse.Namespace) -> int:
             from .teacher.direction import load_direction
 
             parallel.barrier()
-            spec = load_direction(out, model)
+            spec = load_direction(args.direction or out, model)  # --direction DIR: that direction, never OUT's
+        info = _run_info(args, identity, out)
+        what, changes = stored_training_changes(out, info, config, _prompts_sha(prompts, config))
+        if changes:  # the same files on every process: all stop here together
+            _stale(out, what, "training", "resume" if "interrupted" in what else "reuse")(changes)
         if output_is_complete(out):
-            print(f"{out / 'model'} already holds the trained model; skipping training")
+            print(f"{out / 'model'} already holds the trained model (same settings and inputs); skipping training")
             stages["training"] = {"seconds": 0.0, "reused": True}
         else:
-            stages["training"] = _train(args, model, tokenizer, identity, spec, prompts, config, out)
+            stages["training"] = _train(args, model, tokenizer, info, spec, prompts, config, out)
         del model
         gc.collect()
         if not args.skip_eval:
             write_run_documents(out)  # the trained model's card and report stand even if the summary fails
             timed("summary", summarize, args, out)
     finally:
-        if parallel.is_main_process():
+        if claimed and parallel.is_main_process():  # never into a folder that was refused or not made
             _record_timing(out, {"preset": args.preset, "stages": stages, "total_s": round(time.time() - t_start, 2),
                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     write_run_documents(out)  # with the summary's table and the timings
@@ -242,11 +372,19 @@ def _cmd_align(args: argparse.Namespace) -> int:
 def add_cli(subparsers) -> None:
     from .cli import add_command, add_config_args
     from .teacher.direction import DIRECTION_PRESETS, DirectionConfig
+    from .io.prompts import EVAL_PARTS
     from .teacher.tokens import METHODS, RANK_BY, TOKEN_PRESETS, SafetyTokenConfig
 
     p = add_command(subparsers, "align", _cmd_align, model=True, presets=PRESETS,
-                    out="run directory (created; reused and resumed if it exists)",
+                    out="run directory (created; reused and resumed if it exists; must be new, empty or a "
+                        "safesteer run)",
                     prompts={"--prompts": "training prompts (default: the built-in harmful training split)"})
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="start the run in --out over: remove what earlier align runs left there first")
+    again.add_argument("--restart", choices=STAGES, default=None, metavar="STAGE",
+                       help=f"redo STAGE ({', '.join(STAGES)}) and every stage after it, reusing the ones before "
+                            f"it; for a run whose STAGE was made with other settings (a rerun names them)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the built-in prompt splits")
     p.add_argument("--direction", default=None, metavar="DIR",
                    help="use the refusal direction in DIR (direction.safetensors/.json) instead of running stage 1")
@@ -269,5 +407,7 @@ def add_cli(subparsers) -> None:
     g.add_argument("--adapter-only", action="store_true", help="save the LoRA adapter instead of a merged model")
     e = p.add_argument_group("summary")
     e.add_argument("--eval-limit", type=int, default=64, help="held-out prompts per set in the summary")
+    e.add_argument("--eval-part", dest="part", choices=EVAL_PARTS, default="report",
+                   help="built-in evaluation prompts: report (the default) or tune (disjoint, for choosing settings)")
     e.add_argument("--eval-max-new-tokens", type=int, default=48)
     e.add_argument("--skip-eval", action="store_true", help="stop after training (no summary, no representation shift)")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 
 @contextmanager
@@ -29,7 +32,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp makes 0600 files and some writers (safetensors) recreate the file with their own mode;
         # the finished artifact gets the usual permissions.
         os.chmod(tmp_path, _with_umask(0o666))
+        fsync_path(tmp_path)  # the data reaches the disk before the name points at it
         os.replace(tmp_path, path)
+        fsync_path(path.parent)  # and the rename itself survives a power cut
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -43,6 +48,85 @@ def temp_dir_in(parent: str | os.PathLike, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(tmp, _with_umask(0o777))
     return tmp
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's list of names, to the disk.
+
+    A rename is crash-safe only once the renamed file's data and the folder holding the new name are
+    both on disk; without it a power cut can leave a finished-looking name over an empty file.
+    """
+    if os.name == "nt" and os.path.isdir(path):  # Windows cannot open a folder; NTFS journals renames
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder`: before a temporary folder is renamed onto an artifact."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the finished folder `tmp` onto the missing `target`, durably (its contents first, then the rename)."""
+    fsync_tree(tmp)
+    os.replace(tmp, target)
+    fsync_path(Path(target).parent)
+
+
+# Less free space than this, when a write fails, means the disk filled up (see is_disk_full).
+NEARLY_FULL_BYTES = 64 << 20
+
+
+def is_disk_full(exc: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """True for the error a full disk (or an exhausted quota) gives.
+
+    Libraries re-raise it as their own: safetensors keeps the OS's words, but torch.save only says
+    "unexpected pos". So with `folder`, any error while the disk holding it has (almost) no space
+    left counts too; ask before the failed write's partial files are removed.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(text in str(exc) for text in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))):
+        return True
+    try:
+        return folder is not None and shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def disk_full_error(what: str, where: str | os.PathLike) -> Exception:
+    """The one-line user error for a full disk while writing `what` under `where`."""
+    from .errors import SafesteerError
+
+    return SafesteerError(f"no space left on the disk while writing {what} in {where}; free some space and rerun the "
+                          f"same command to resume, or point --out at a folder on another disk")
+
+
+def phase(name: str) -> None:
+    """Announce that the run reached `name` (e.g. "checkpoint-swap:3"), for the kill -9 soak test.
+
+    Outside that test nothing is set and this does nothing. With SAFESTEER_PHASE_FILE=PATH each name
+    is appended to PATH as it is reached; with SAFESTEER_PAUSE_AT=NAME too, the process also stops
+    (sleeps) at NAME, so that tests/test_kill_soak.py can SIGKILL it at exactly that point.
+    """
+    path = os.environ.get("SAFESTEER_PHASE_FILE")
+    if not path:
+        return
+    pause = os.environ.get("SAFESTEER_PAUSE_AT") == name
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one unbuffered write per line: a reader never sees half a name
+        os.write(fd, f"{'paused ' if pause else ''}{name}\n".encode())
+    finally:
+        os.close(fd)
+    while pause:
+        time.sleep(60)
 
 
 def _with_umask(mode: int) -> int:
@@ -142,14 +226,20 @@ def help_field(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 
 
+def check_choice(value: Any, choices: Collection[str], what: str) -> None:
+    """Refuse a setting outside `choices` with the user error that names them:
+    "unknown WHAT 'VALUE'; use one of: A, B"."""
+    from .errors import SafesteerError
+
+    if value not in choices:
+        raise SafesteerError(f"unknown {what} '{value}'; use one of: {', '.join(choices)}")
+
+
 def preset_config(config_cls: type, presets: Mapping[str, Mapping[str, Any]], name: str, overrides: Mapping[str, Any],
                   what: str = "preset") -> Any:
     """`config_cls` with the settings of `presets[name]`, then the `overrides` that are not None (an option
     not given on the command line). An unknown name is a user error naming the presets there are."""
-    from .errors import SafesteerError
-
-    if name not in presets:
-        raise SafesteerError(f"unknown {what} '{name}'; use one of: {', '.join(presets)}")
+    check_choice(name, presets, what)
     return config_cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
 
 

@@ -171,3 +171,61 @@ def test_continuous_batching_under_a_steering_hook(tiny_model, smol_tokenizer):
                                   progress=False)
     assert [r["response"] for r in cont] == [r["response"] for r in single]
     assert [r["response"] for r in cont] != [r["response"] for r in plain]  # the hook was on
+
+
+def test_an_answers_file_of_another_model_or_other_settings_is_refused_never_reused(tmp_path, tiny_model,
+                                                                                     smol_tokenizer):
+    """Issue #12 item 2: `generate`'s file is keyed on the weights' fingerprint and the settings; a rerun with
+    another model or other settings stops with one line instead of reusing (or adding to) the file."""
+    prompts = [Prompt("Say hi."), Prompt("Name a colour.")]
+    config = GenerationConfig(max_new_tokens=4, batch_size=2)
+    out = tmp_path / "r.jsonl"
+    rows, _ = generate_responses(tiny_model, smol_tokenizer, prompts, config, out_path=out, progress=False,
+                                 extra={"model": "tiny-a"}, fingerprint="aaaa1111")
+    assert rows[0]["settings"]["model_fingerprint"] == "aaaa1111"
+    before = out.read_bytes()
+    _, stats = generate_responses(tiny_model, smol_tokenizer, prompts, config, out_path=out, progress=False,
+                                  extra={"model": "tiny-a"}, fingerprint="aaaa1111")
+    assert stats.generated == 0  # the same model and settings: resumed, nothing generated again
+    fix = f"rerun with the earlier model and settings to resume it, or choose a new --out (or delete {out} to start over)"
+    with pytest.raises(SafesteerError) as info:
+        generate_responses(tiny_model, smol_tokenizer, prompts, config, out_path=out, progress=False,
+                           extra={"model": "tiny-b"}, fingerprint="bbbb2222")
+    assert str(info.value) == (f"{out} holds answers made with another model or other settings (model tiny-a "
+                               f"(weights aaaa1111) -> tiny-b (weights bbbb2222)); {fix}")
+    with pytest.raises(SafesteerError) as info:
+        generate_responses(tiny_model, smol_tokenizer, prompts, GenerationConfig(max_new_tokens=5, batch_size=2),
+                           out_path=out, progress=False, extra={"model": "tiny-a"}, fingerprint="aaaa1111")
+    assert str(info.value) == (f"{out} holds answers made with another model or other settings (max_new_tokens "
+                               f"4 -> 5); {fix}")
+    assert out.read_bytes() == before  # nothing added to a file that is not this run's
+    # A file of an older version (rows without the fingerprint) cannot vouch for the model: refused too.
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({**r, "settings": {k: v for k, v in r["settings"].items()
+                                                         if k != "model_fingerprint"}, "settings_key": "0123"}) + "\n"
+                           for r in rows))
+    with pytest.raises(SafesteerError, match=r"\(model tiny-a \(weights not recorded\) -> tiny-a \(weights aaaa1111\)\)"):
+        generate_responses(tiny_model, smol_tokenizer, prompts, config, out_path=old, progress=False,
+                           extra={"model": "tiny-a"}, fingerprint="aaaa1111")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(SafesteerError) as info:
+        generate_responses(tiny_model, smol_tokenizer, prompts, config, out_path=notes, progress=False,
+                           fingerprint="aaaa1111")
+    assert str(info.value) == (f"--out {notes} is not a safesteer answers file (line 1 is no answer row); choose a "
+                               f"new --out (or delete {notes} to start over)")
+    assert notes.read_text() == "my notes\n"
+
+
+def test_evaluation_files_keep_the_answers_of_several_settings_side_by_side(tmp_path, tiny_model, smol_tokenizer):
+    """Without a fingerprint (evaluation folders, guarded by their model.json) other settings' rows stay and are
+    ignored, and the key is the settings' alone, as the shared base-answer cache files them."""
+    prompts = [Prompt("Say hi.")]
+    out = tmp_path / "r.jsonl"
+    generate_responses(tiny_model, smol_tokenizer, prompts, GenerationConfig(max_new_tokens=3), out_path=out,
+                       progress=False)
+    rows, stats = generate_responses(tiny_model, smol_tokenizer, prompts, GenerationConfig(max_new_tokens=4),
+                                     out_path=out, progress=False)
+    assert stats.generated == 1 and len(out.read_text().splitlines()) == 2
+    assert rows[0]["settings_key"] == GenerationConfig(max_new_tokens=4).resolved(tiny_model).key()
+    assert GenerationConfig().key("aaaa") != GenerationConfig().key("bbbb") != GenerationConfig().key()

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from safesteer.core.anatomy import decoder_layers  # noqa: E402
 from safesteer.errors import SafesteerError  # noqa: E402
-from safesteer.core.steering import _ATTN_NAMES, _MLP_NAMES, _named_child, ablate_direction, add_direction  # noqa: E402
+from safesteer.core.steering import ablate_direction, add_direction, attention_and_mlp  # noqa: E402
 
 V = 128
 D = 32
@@ -297,9 +297,7 @@ def test_ablation_leaves_no_component_along_r(arch):
     with ablate_direction(model, r):
         with capture_inputs(model) as inputs:
             for i, block in enumerate(decoder_layers(model)):
-                for kind, names in (("attn", _ATTN_NAMES), ("mlp", _MLP_NAMES)):
-                    module = _named_child(block, names)
-
+                for kind, module in zip(("attn", "mlp"), attention_and_mlp(block)):
                     def hook(_m, _a, out, key=f"{kind}{i}"):
                         outputs[key] = out[0] if isinstance(out, tuple) else out
                     handles.append(module.register_forward_hook(hook))
@@ -389,7 +387,7 @@ def count_block_work(model):
             counts[i] += 1
         return hook
 
-    with layer_hooks(model, lambda i, block: _named_child(block, _ATTN_NAMES).register_forward_hook(make(i))):
+    with layer_hooks(model, lambda i, block: attention_and_mlp(block)[0].register_forward_hook(make(i))):
         yield counts
 
 

@@ -14,16 +14,20 @@ from safesteer.teacher.gate import Gate, Probe, direction_sha, save_gate
 from safesteer.teacher.direction import load_direction
 
 
-def test_overrefusal_reads_the_edgy_report_part_unless_told_tune():
+def test_every_builtin_set_reads_its_report_part_unless_told_tune():
     splits = builtin_splits(0)
-    report = {p.text for p in splits["edgy"]["report"]}
-    tune = {p.text for p in splits["edgy"]["tune"]}
-    default = {s.name: s for s in build_sets(EvalConfig(n_harmful=0, n_edgy=None))}["edgy"]
-    assert {p.text for p in default.prompts} == report and "report part" in default.source
-    chosen = {s.name: s for s in build_sets(EvalConfig(n_harmful=0, n_edgy=None, edgy_part="tune"))}["edgy"]
-    assert {p.text for p in chosen.prompts} == tune
-    with pytest.raises(SafesteerError, match="edgy_part"):
-        EvalConfig(edgy_part="all")
+    config = dict(n_harmful=None, n_edgy=None, n_harmless=None)
+    default = {s.name: s for s in build_sets(EvalConfig(**config))}
+    tuned = {s.name: s for s in build_sets(EvalConfig(**config, part="tune"))}
+    assert set(default) == set(tuned) == {"advbench", "harmbench", "edgy", "harmless"}
+    for name, split in (("advbench", "harmful"), ("harmbench", "harmbench"), ("edgy", "edgy"), ("harmless", "harmless")):
+        report, tune = ({p.text for p in splits[split][part]} for part in ("report", "tune"))
+        assert report and tune and not report & tune, name
+        assert {p.text for p in default[name].prompts} == report and "report part" in default[name].source
+        assert {p.text for p in tuned[name].prompts} == tune and "tune part" in tuned[name].source
+    assert default["harmless"].kind == "overrefusal"
+    with pytest.raises(SafesteerError, match="unknown evaluation part 'all'; use one of: tune, report"):
+        EvalConfig(part="all")
 
 
 def _run_dir(path, hidden, bias):
@@ -77,12 +81,12 @@ def test_gated_entry_answers_in_an_evaluation(tmp_path, tiny_model, smol_tokeniz
     base = ModelEntry("base", tiny_model, smol_tokenizer)
     gated = gated_entry(base, _run_dir(tmp_path / "on", tiny_model.config.hidden_size, 5.0))
     assert gated.engine == "generate"
-    config = EvalConfig(suites=("safety", "overrefusal"), n_harmful=3, n_edgy=3, max_new_tokens=3, batch_size=2,
+    config = EvalConfig(suites=("safety", "overrefusal"), n_harmful=3, n_edgy=3, n_harmless=3, max_new_tokens=3, batch_size=2,
                         progress=False)
     results = evaluate_models([base, steered_entry(base, tmp_path / "on"), gated], config, tmp_path / "eval")
     assert set(results["models"]) == {"base", "base+steer", "base+gated"}
     steered = [r["response"] for r in _answers(tmp_path / "eval" / model_slug("base+steer"))]
-    assert len(steered) == 9
+    assert len(steered) == 12
     assert [r["response"] for r in _answers(tmp_path / "eval" / model_slug("base+gated"))] == steered  # g = 1 here
 
 

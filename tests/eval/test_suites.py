@@ -28,7 +28,7 @@ from safesteer.eval.suites import (
 from safesteer.eval.tables import format_table
 
 # Small enough for a 4-layer random model: every suite runs, in seconds.
-TINY_SIZES = dict(n_harmful=3, n_edgy=3, n_mmlu=5, n_gsm8k=2, n_drift=3, max_new_tokens=4, gsm8k_max_new_tokens=5,
+TINY_SIZES = dict(n_harmful=3, n_edgy=3, n_harmless=2, n_mmlu=5, n_gsm8k=2, n_drift=3, max_new_tokens=4, gsm8k_max_new_tokens=5,
                   drift_max_new_tokens=5, batch_size=4, progress=False)
 TINY_FLAGS = ["--n-harmful", "3", "--n-edgy", "3", "--n-mmlu", "5", "--n-gsm8k", "2", "--n-drift", "3",
               "--max-new-tokens", "4", "--gsm8k-max-new-tokens", "5", "--drift-max-new-tokens", "5",
@@ -113,7 +113,7 @@ def test_builtin_safety_sets_are_held_out_and_subsets_are_prefixes():
     splits = builtin_splits(0)
     used = {p.text for k in ("direction_train", "direction_val", "train") for p in splits["harmful"][k]}
     sets = {s.name: s for s in build_sets(EvalConfig(n_harmful=40, n_edgy=10))}
-    assert set(sets) == {"advbench", "harmbench", "edgy"}
+    assert set(sets) == {"advbench", "harmbench", "edgy", "harmless"}
     assert len(sets["advbench"].prompts) == 40 and not used & {p.text for p in sets["advbench"].prompts}
     smaller = {s.name: s for s in build_sets(EvalConfig(n_harmful=8, n_edgy=10))}
     assert smaller["harmbench"].prompts == sets["harmbench"].prompts[:8]
@@ -130,6 +130,31 @@ def test_steering_context_moves_the_model(tmp_path, tiny_model, smol_tokenizer):
     assert rows[0]["kl_sum"] > 0
     with pytest.raises(SafesteerError, match="no refusal direction"):
         steered_entry(base, tmp_path / "empty")
+
+
+def test_steering_runs_inside_the_base_entrys_own_context(tmp_path, tiny_model, smol_tokenizer):
+    """E.g. a LoRA student with its adapter disabled: the base's context is entered first and left last."""
+    from contextlib import contextmanager
+
+    events = []
+
+    @contextmanager
+    def base_context():
+        events.append("base in")
+        yield
+        events.append("base out")
+
+    base = ModelEntry("base", tiny_model, smol_tokenizer, base_context)
+    teacher = steered_entry(base, _write_direction(tmp_path / "run", tiny_model.config.hidden_size))
+    ids = smol_tokenizer(["Hello there."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = tiny_model(input_ids=ids).logits
+        with teacher.context():
+            assert events == ["base in"]
+            steered = tiny_model(input_ids=ids).logits
+        assert events == ["base in", "base out"]
+        assert not torch.allclose(plain, steered)  # the direction was added inside the base's context
+        assert torch.equal(tiny_model(input_ids=ids).logits, plain)  # and removed with it
 
 
 def test_ablated_entry_projects_the_direction_out(tmp_path, tiny_model, smol_tokenizer):
@@ -170,7 +195,7 @@ def test_evaluate_models_results_tables_and_atomic_results(tmp_path, tiny_model,
     assert list(results["models"]) == ["base", "other/model"]
     base, other = results["models"]["base"], results["models"]["other/model"]
     assert set(base["safety"]["sets"]) == {"advbench", "harmbench"} and base["safety"]["overall"]["n"] == 6
-    assert base["overrefusal"]["overall"]["n"] == 3 and base["mmlu"]["accuracy"]["n"] == 5
+    assert base["overrefusal"]["overall"]["n"] == 3 + 2 and base["mmlu"]["accuracy"]["n"] == 5
     assert base["gsm8k"]["accuracy"]["n"] == 2 and base["drift"]["is_reference"]
     assert other["drift"]["n_prompts"] == 3 and other["drift"]["kl_mean"] > 0
     assert isinstance(base["refusal_templates"], list) and "timings" in base
@@ -279,7 +304,7 @@ def test_base_answers_are_generated_once_and_shared_by_output_folders(tmp_path, 
     first = evaluate_models(entries, config, tmp_path / "run1")
     assert any(m is tiny_model for m in calls) and any(m is aligned for m in calls)
     shared = sorted(ev.answer_cache_root().rglob("*.jsonl"))
-    assert [p.name.split("-")[0] for p in shared] == ["drift", "overrefusal", "safety", "safety"]  # base only
+    assert [p.name.split("-")[0] for p in shared] == ["drift", "overrefusal", "overrefusal", "safety", "safety"]  # base only
     assert first["generation"]["dtype"] in ("bfloat16", "float32") and first["config"]["generation_dtype"] == \
         first["generation"]["dtype"]
 

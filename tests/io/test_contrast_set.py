@@ -13,7 +13,7 @@ from difflib import SequenceMatcher
 
 import pytest
 
-from safesteer.io.prompts import (CONTRAST_SPLITS, EDGY_SPLITS, builtin_splits, contrast_prompts, load_prompts,
+from safesteer.io.prompts import (CONTRAST_SPLITS, TUNE_SIZES, builtin_splits, contrast_prompts, load_prompts,
                                   split_prompts)
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -95,12 +95,12 @@ def test_contrast_set_shape_and_splits(splits):
 def test_edgy_tune_and_report_are_disjoint_and_stable_under_input_order(splits):
     edgy = load_prompts("edgy")
     tune, report = splits["edgy"]["tune"], splits["edgy"]["report"]
-    assert (len(tune), len(report)) == (EDGY_SPLITS["tune"], len(edgy) - EDGY_SPLITS["tune"])
+    assert (len(tune), len(report)) == (TUNE_SIZES["edgy"], len(edgy) - TUNE_SIZES["edgy"])
     assert not {p.text for p in tune} & {p.text for p in report}
     assert {p.text for p in tune} | {p.text for p in report} == {p.text for p in edgy}
     assert splits["edgy"]["eval"] == report  # the default over-refusal evaluation reads the report part
     shuffled = edgy[:]
     random.Random(5).shuffle(shuffled)
-    again = split_prompts(shuffled, EDGY_SPLITS, seed=0)
+    again = split_prompts(shuffled, {"tune": TUNE_SIZES["edgy"], "report": None}, seed=0)
     assert [p.text for p in again["tune"]] == [p.text for p in tune]
     assert [p.text for p in again["report"]] == [p.text for p in report]

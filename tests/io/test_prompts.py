@@ -24,15 +24,19 @@ def test_builtin_splits_are_disjoint_and_deterministic():
     a, b = builtin_splits(seed=0), builtin_splits(seed=0)
     for kind in ("harmful", "harmless"):
         assert {k: [p.text for p in v] for k, v in a[kind].items()} == {k: [p.text for p in v] for k, v in b[kind].items()}
-        names = list(a[kind])
+        names = [k for k in a[kind] if k != "eval"]  # "eval" is another name for "report"
         for i, x in enumerate(names):
             for y in names[i + 1:]:
                 assert not {p.text for p in a[kind][x]} & {p.text for p in a[kind][y]}, (kind, x, y)
     # Nothing used by a pipeline stage appears in any evaluation set.
-    used = {p.text for kind in ("harmful", "harmless") for k, v in a[kind].items() if k != "eval" for p in v}
+    held_out = ("eval", "tune", "report")
+    used = {p.text for kind in ("harmful", "harmless") for k, v in a[kind].items() if k not in held_out for p in v}
     used |= {p.text for p in a["contrast"]["train"]}
-    evaluated = {p.text for kind in a if kind != "contrast" for p in a[kind]["eval"]}
-    evaluated |= {p.text for p in a["edgy"]["tune"] + a["contrast"]["heldout"]}
+    evaluated = {p.text for kind in a if kind != "contrast" for part in ("tune", "report") for p in a[kind][part]}
+    evaluated |= {p.text for p in a["contrast"]["heldout"]}
+    for kind in ("harmful", "harmless", "harmbench", "benign", "edgy"):  # tune and report: disjoint, report = eval
+        assert a[kind]["eval"] == a[kind]["report"] and not {p.text for p in a[kind]["tune"]} & {
+            p.text for p in a[kind]["report"]}
     assert not used & evaluated
     assert len(a["harmful"]["train"]) == 100 and len(a["harmful"]["direction_train"]) == 128
     assert [p.text for p in builtin_splits(seed=1)["harmful"]["train"]] != [p.text for p in a["harmful"]["train"]]

@@ -53,6 +53,21 @@ def test_card_names_the_base_model_the_presets_departures_and_the_judges_limits(
     assert "'a|b'" in text  # token texts as Python literals, not markdown
 
 
+def test_card_names_the_training_extensions_beyond_the_paper(tmp_path):
+    run = trained_run(tmp_path, summary=False)
+    assert "Beyond the paper" not in build_model_card(run)  # the cpu preset uses none of them
+    record_path = run / "model" / "safesteer.json"
+    import json
+
+    record = json.loads(record_path.read_text())
+    record["config"] = asdict(TrainConfig.from_preset("cpu-contrast", "qwen", contrast_coeff=-0.5))
+    write_json_atomic(record_path, record)
+    text = build_model_card(run)
+    assert "contrast prompts (builtin), 2 per step" in text and "steered with coefficient -0.5" in text
+    assert "loss weight 4" in text and "greedy continuation" in text
+    assert "first 4 completion positions weigh 4x" in text and "gated teacher" not in text
+
+
 def test_card_has_the_before_after_table_with_intervals_once_the_summary_exists(tmp_path):
     run = trained_run(tmp_path, summary=True)
     path = write_model_card(run)

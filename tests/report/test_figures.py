@@ -33,3 +33,32 @@ def test_safety_token_panel_from_the_artifact(tmp_path):
     assert fig._suptitle.get_text() == "S: 2 tokens by vote/delta, H=7, M=8, K'=10, 42 valid positions"
     save_png(fig, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == PNG
+
+
+def _rate(k, n):
+    from safesteer.eval.stats import Rate
+
+    return Rate(k, n).to_dict()
+
+
+def test_refusal_tradeoff_marks_the_base_and_names_n_and_part(tmp_path):
+    from safesteer.report.figures import plot_refusal_tradeoff
+
+    points = [{"name": "base", "kind": "base", "harmful_refusal": _rate(37, 64), "overrefusal": {"edgy": _rate(17, 64)}},
+              {"name": "cpu", "kind": "run", "harmful_refusal": _rate(54, 64), "overrefusal": {"edgy": _rate(28, 64)}},
+              {"name": "$x$ <b>", "kind": "run", "harmful_refusal": _rate(60, 64), "overrefusal": {"edgy": _rate(10, 64)}},
+              {"name": "no over-refusal suite", "kind": "run", "harmful_refusal": _rate(1, 2), "overrefusal": {}}]
+    fig = plot_refusal_tradeoff(points, "edgy", "tune")
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("harmful refusal vs edgy over-refusal (tune part): n = 64 harmful, 64 edgy")
+    assert [t.get_text() for t in ax.texts] == ["base", "cpu", "\\$x\\$ <b>"]  # the point without the rate is left out
+    lines = [line for line in ax.get_lines() if line.get_marker() in ("s", "o")]
+    assert [line.get_marker() for line in lines] == ["s", "o", "o"]  # the base is the square
+    assert (lines[0].get_xdata()[0], lines[0].get_ydata()[0]) == (17 / 64, 37 / 64)
+    # Error bars on both axes: one vertical and one horizontal segment per point.
+    segments = [seg for coll in ax.collections for seg in coll.get_segments()]
+    assert len(segments) == 2 * 3
+    save_png(fig, tmp_path / "tradeoff.png")
+    data = (tmp_path / "tradeoff.png").read_bytes()
+    assert data[:8] == PNG and int.from_bytes(data[16:20], "big") == 740 and int.from_bytes(data[20:24], "big") == 560
+    assert plot_refusal_tradeoff(points[3:], "edgy") is None  # nothing to draw

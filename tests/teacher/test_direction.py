@@ -274,7 +274,7 @@ def test_choose_candidate_without_survivors_explains_why():
         D.choose_candidate(table, n_layers=10)
     msg = str(err.value)
     assert "1 at layers >= 0.8*10" in msg and "1 with KL > 0.1" in msg and "1 with induce score < 0" in msg
-    assert "--kl-threshold" in msg
+    assert "--kl-threshold" in msg and "--direction.kl-threshold" in msg  # safesteer direction's and align's
 
 
 def many(score):

@@ -294,7 +294,7 @@ def test_exactly_h_minus_1_tokens_even_when_the_model_wants_to_stop(smol_tokeniz
         assert not torch.isin(out["tokens"], torch.tensor(eot)).any()
         assert out["teacher_logits"].shape[1] == H
     # ...and the base model's end-of-turn argmax masks every position, which the stage reports clearly.
-    with pytest.raises(SafesteerError, match="no valid response position"):
+    with pytest.raises(SafesteerError, match="no valid response position.*--horizon.*--tokens.horizon"):
         select_safety_tokens(model, tok, ctx, PROMPTS, SafetyTokenConfig(samples_per_prompt=2), progress=False)
 
 

@@ -75,3 +75,93 @@ def test_data_order_is_seeded_shuffles_one_after_another():
     order = data_order(4, cfg)
     assert len(order) == 15 and sorted(order[:4]) == [0, 1, 2, 3] and sorted(order[4:8]) == [0, 1, 2, 3]
     assert order == data_order(4, cfg) and order != data_order(4, replace(cfg, seed=2))
+
+
+# ----------------------------------------------------------------------------- crashes while writing (issue #12)
+
+
+class Crash(BaseException):
+    """A kill -9 stand-in: nothing after it runs, not even the clean-ups of `except Exception`."""
+
+
+def crash_at(monkeypatch, name: str) -> None:
+    """Stop write_checkpoint dead when it reaches the announced point `name` (utils.phase)."""
+    import safesteer.train.checkpoint as checkpoint
+
+    def phase(reached):
+        if reached == name:
+            raise Crash(reached)
+
+    monkeypatch.setattr(checkpoint, "phase", phase)
+
+
+def metric_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_crash_between_the_two_renames_resumes_from_the_old_checkpoint(tmp_path, smol_tokenizer, spec, safety_ids,
+                                                                         monkeypatch):
+    cfg = config(steps=3)
+    full = Trainer(tiny(smol_tokenizer), smol_tokenizer, spec, safety_ids, PROMPTS, cfg, tmp_path / "a",
+                   progress=False).train()
+    out = tmp_path / "b"
+
+    def trainer():
+        return Trainer(tiny(smol_tokenizer), smol_tokenizer, spec, safety_ids, PROMPTS, cfg, out, progress=False)
+
+    with monkeypatch.context() as m:  # step 2's checkpoint is written; step 1's is moved aside; then the crash
+        crash_at(m, "checkpoint-swap:2")
+        with pytest.raises(Crash):
+            trainer().train()
+    assert not (out / "checkpoint").exists()
+    assert json.loads((out / ".checkpoint.old" / "state.json").read_text())["step"] == 1
+    assert len(list(out.glob(".checkpoint.?*"))) == 2  # .checkpoint.old and the finished step-2 folder, not swapped in
+
+    resumed = trainer()
+    assert resumed.step == 1  # from .checkpoint.old: only the step in flight is lost
+    assert [r["step"] for r in metric_rows(out)] == [1]
+    assert sorted(p.name for p in out.glob(".checkpoint.*")) == [".checkpoint.old"]  # the unfinished swap is gone
+
+    # Crash again before the next swap: .checkpoint.old is still the only whole checkpoint, so it must stay
+    # until the new one is in place (there is never a moment without one).
+    with monkeypatch.context() as m:
+        crash_at(m, "checkpoint-files:2")
+        with pytest.raises(Crash):
+            resumed.train()
+    assert not (out / "checkpoint").exists()
+    assert json.loads((out / ".checkpoint.old" / "state.json").read_text())["step"] == 1
+
+    last = trainer()
+    assert last.step == 1
+    assert [r["step"] for r in last.train()] == [2, 3]
+    assert losses(metric_rows(out)) == losses(full)  # the same run as one never interrupted
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert not list(out.glob(".checkpoint.*"))  # nothing left for a later run to misread
+
+
+def test_checkpoint_files_are_fsynced_before_the_swap_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from safesteer.train.checkpoint import write_checkpoint
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the fsynced files")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(src), str(dst))),
+                                                         real_replace(src, dst))[1])
+    for step in (1, 2):  # the first checkpoint, then one that moves the first aside
+        events.clear()
+        write_checkpoint(tmp_path, {"w": torch.ones(2)}, {"state": {}}, {"last_epoch": step}, {"step": step})
+        into_place = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / "checkpoint"))
+        folder = events[into_place][1]
+        fsynced_before = {e[1] for e in events[:into_place] if e[0] == "fsync"}
+        names = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+        assert {f"{folder}/{n}" for n in names} | {folder} <= fsynced_before
+        assert ("fsync", str(tmp_path)) in events[into_place + 1:]  # the renames themselves
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text()) == {"step": 2}
+    assert not list(tmp_path.glob(".checkpoint.*"))

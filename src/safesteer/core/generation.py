@@ -180,8 +180,10 @@ class GenerationConfig:
 
         return replace(self, dtype=effective_dtype_name(self.dtype, model))
 
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+    def key(self, fingerprint: str | None = None) -> str:
+        """What answers made with these settings (and, given, the weights' `fingerprint`) are filed under."""
+        values = asdict(self) | ({"model_fingerprint": fingerprint} if fingerprint is not None else {})
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -293,22 +295,29 @@ def generate_batch(model: Any, tokenizer: Any, formatted: list[str], config: Gen
 def generate_responses(model: Any, tokenizer: Any, prompts: list[Prompt], config: GenerationConfig,
                        out_path: str | Path | None = None, context: Callable[[], ContextManager] | None = None,
                        desc: str = "generating", extra: dict | None = None,
-                       progress: bool = True) -> tuple[list[dict], GenerationStats]:
+                       progress: bool = True, fingerprint: str | None = None) -> tuple[list[dict], GenerationStats]:
     """Answer every prompt (num_samples times); resumable when `out_path` is given.
 
     Rows already in `out_path` with the same prompt, sample index and settings are reused, so a
     rerun after a crash only does what is missing. Each finished batch is appended (and fsynced).
     Returns the rows for `prompts` in input order (sample-major within a prompt) and what this call
     generated.
+
+    With `fingerprint` (of the model's weights, `eval.suites.model_fingerprint`), `out_path` holds the
+    answers of one model with one set of settings, as `safesteer generate` writes it: the fingerprint is
+    part of the key, and a file with rows of another model or other settings is refused with one line
+    naming the difference, never reused or added to. Without it (evaluation folders, whose model.json
+    guards the model) rows of other settings stay in the file and are ignored.
     """
     if not prompts:
         raise SafesteerError("no prompts to generate for")
     config = config.resolved(model)  # the dtype that runs, by name: part of the key and of the recorded settings
-    key = config.key()
-    settings = asdict(config) | (extra or {})
+    key = config.key() if fingerprint is None else config.key(fingerprint)
+    settings = asdict(config) | (extra or {}) | ({"model_fingerprint": fingerprint} if fingerprint else {})
     done: dict[tuple[str, int], dict] = {}
     if out_path is not None:
-        for row in read_jsonl(out_path):
+        rows = read_jsonl(out_path) if fingerprint is None else _answers_of_one_run(Path(out_path), key, settings)
+        for row in rows:
             if row.get("settings_key") == key:
                 done[(row["prompt_uid"], row["sample"])] = row
     todo = [(p, s) for p in prompts for s in range(config.num_samples) if (p.uid, s) not in done]
@@ -323,6 +332,41 @@ def generate_responses(model: Any, tokenizer: Any, prompts: list[Prompt], config
     bar.close()
     stats = GenerationStats(generated=len(todo), new_tokens=new_tokens, seconds=time.time() - t0)
     return [done[(p.uid, s)] for p in prompts for s in range(config.num_samples)], stats
+
+
+def _answers_of_one_run(path: Path, key: str, settings: dict) -> list[dict]:
+    """The rows of a `safesteer generate` output file, refused with one line unless every row was made by
+    the same model with the same settings (`key`): a rerun resumes it, another model or setting never
+    reuses it. A missing file has no rows."""
+    from ..io.run_dir import changed_settings, summarize_changes
+
+    fix = f"choose a new --out (or delete {path} to start over)"
+    try:
+        # Every line an object: read_jsonl forgives a torn last line (a crash mid-append), not a file of text.
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        rows = read_jsonl(path)
+    except (OSError, ValueError) as exc:  # a folder, binary data, a line that is not JSON
+        raise SafesteerError(f"--out {path} is not a safesteer answers file ({type(exc).__name__}); {fix}") from None
+    texts = [n for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("{")]
+    bad = texts[:1] or [n for n, row in enumerate(rows, 1) if not isinstance(row, dict)
+                        or not isinstance(row.get("settings"), dict) or "prompt_uid" not in row][:1]
+    if bad:
+        raise SafesteerError(f"--out {path} is not a safesteer answers file (line {bad[0]} is no answer row); {fix}")
+    for row in rows:
+        if row.get("settings_key") == key:
+            continue
+        before = row["settings"]
+        shown = [k for k in settings if k not in ("model", "model_fingerprint")]
+        changes = changed_settings({k: before.get(k) for k in shown}, {k: settings[k] for k in shown})
+        if before.get("model_fingerprint") != settings.get("model_fingerprint"):
+            weights = before.get("model_fingerprint") or "not recorded"
+            changes.insert(0, f"model {before.get('model')} (weights {weights}) -> {settings.get('model')} "
+                              f"(weights {settings.get('model_fingerprint')})")
+        changes = changes or [f"settings key {row.get('settings_key')} -> {key}"]  # a field no longer recorded
+        raise SafesteerError(f"{path} holds answers made with another model or other settings "
+                             f"({summarize_changes(changes)}); rerun with the earlier model and settings to resume "
+                             f"it, or {fix}")
+    return rows
 
 
 class _Unsupported(Exception):

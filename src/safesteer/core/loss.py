@@ -141,6 +141,66 @@ def _normalised_reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return terms.sum(-1)
 
 
+def _no_valid_positions(student_hidden: Tensor, with_targets: bool) -> DistillationOutput:
+    """`distillation_loss` when no position is valid: a zero connected to student_hidden, NaN elsewhere."""
+    nan = float("nan")
+    stats = {"student_s_mass": nan, "teacher_s_mass": nan, "student_entropy": nan}
+    if with_targets:
+        stats["sampled_kl"] = nan
+    # An empty slice sums to an exact 0 even if the hidden states hold NaN/inf.
+    zero = student_hidden[..., :0].sum().float()
+    per_sequence = torch.full((student_hidden.shape[0],), nan, device=student_hidden.device)
+    return DistillationOutput(loss=zero, per_sequence=per_sequence, stats=stats)
+
+
+def _safety_mask(vocab_size: int, ids: Tensor, targets: Tensor | None, variant: str, device: torch.device) -> Tensor:
+    """[V] bool, True on S, once S (and the targets) are checked against the head's vocabulary."""
+    _check_vocab(vocab_size, ids, targets)
+    if variant == "localized_bucket" and ids.numel() == vocab_size:
+        raise SafesteerError("localized_bucket needs tokens outside S, but S is the whole vocabulary")
+    s_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    s_mask[ids] = True
+    return s_mask
+
+
+def _variant_loss(variant: str, logits: Tensor, lse: Tensor, ls: Tensor, lt: Tensor, lt_rest: Tensor,
+                  s_mask: Tensor, teacher_head: Callable[[Tensor], Tensor], th: Tensor) -> Tensor:
+    """The loss at each position of a chunk: from the student's logits, their logsumexp `lse` and S slice
+    `ls`, and the teacher's S slice `lt` (in ls's dtype); "localized_bucket" also takes the teacher's rest
+    bucket `lt_rest`, "full_reverse" the teacher's hidden states `th` (its head is applied here, under no_grad)."""
+    if variant == "localized":
+        return _sum_p_log_ratio(ls, lt)
+    if variant == "localized_renorm":
+        return _sum_p_log_ratio(ls - ls.logsumexp(-1, keepdim=True), lt - lt.logsumexp(-1, keepdim=True))
+    if variant == "localized_forward":
+        return _sum_p_log_ratio(lt, ls)
+    if variant == "localized_bucket":
+        ls_rest = _log_rest(logits, lse, s_mask)
+        lt_all = torch.cat([lt, lt_rest.to(ls.dtype).unsqueeze(-1)], dim=-1)
+        return _normalised_reverse_kl(torch.cat([ls, ls_rest.unsqueeze(-1)], dim=-1), lt_all)
+    # full_reverse
+    with torch.no_grad():
+        t_logp = torch.log_softmax(_upcast(teacher_head(th)), dim=-1).to(logits.dtype)
+    return _sum_p_log_ratio(logits - lse, t_logp)
+
+
+def _sequence_means(losses: Tensor, seq_of_pos: Tensor, counts: Tensor, sequence_weights: Tensor | None,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    """The method's reduction of the valid positions' losses: the mean over each sequence's valid
+    positions (`counts`), then the mean over the sequences that have any, weighted by `sequence_weights`
+    if given. Returns the loss and the [B] detached per-sequence means (NaN without valid positions)."""
+    batch = counts.shape[0]
+    seq_sum = torch.zeros(batch, dtype=losses.dtype, device=device).index_add(0, seq_of_pos, losses)
+    has_tokens = counts > 0
+    seq_mean = seq_sum[has_tokens] / counts[has_tokens].to(losses.dtype)
+    per_sequence = torch.full((batch,), math.nan, dtype=losses.dtype, device=device)
+    per_sequence[has_tokens] = seq_mean.detach()
+    if sequence_weights is None:
+        return seq_mean.mean(), per_sequence
+    w = _weights(sequence_weights, (batch,), "sequence_weights", device, losses.dtype)[has_tokens]
+    return (w * seq_mean).sum() / w.sum(), per_sequence
+
+
 def distillation_loss(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
@@ -197,14 +257,7 @@ def distillation_loss(
     n_valid = flat_pos.numel()
 
     if n_valid == 0:
-        nan = float("nan")
-        stats = {"student_s_mass": nan, "teacher_s_mass": nan, "student_entropy": nan}
-        if target_ids is not None:
-            stats["sampled_kl"] = nan
-        # An empty slice sums to an exact 0 even if the hidden states hold NaN/inf.
-        zero = student_hidden[..., :0].sum().float()
-        per_sequence = torch.full((batch,), nan, device=device)
-        return DistillationOutput(loss=zero, per_sequence=per_sequence, stats=stats)
+        return _no_valid_positions(student_hidden, with_targets=target_ids is not None)
 
     s_hidden = student_hidden.reshape(batch * length, -1)
     t_hidden = teacher_hidden.reshape(batch * length, -1)
@@ -224,21 +277,7 @@ def distillation_loss(
             )
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         ls = logits.index_select(-1, ids) - lse
-        lt = lt.to(ls.dtype)
-        if variant == "localized":
-            loss = _sum_p_log_ratio(ls, lt)
-        elif variant == "localized_renorm":
-            loss = _sum_p_log_ratio(ls - ls.logsumexp(-1, keepdim=True), lt - lt.logsumexp(-1, keepdim=True))
-        elif variant == "localized_forward":
-            loss = _sum_p_log_ratio(lt, ls)
-        elif variant == "localized_bucket":
-            ls_rest = _log_rest(logits, lse, s_mask)
-            lt_all = torch.cat([lt, lt_rest.to(ls.dtype).unsqueeze(-1)], dim=-1)
-            loss = _normalised_reverse_kl(torch.cat([ls, ls_rest.unsqueeze(-1)], dim=-1), lt_all)
-        else:  # full_reverse
-            with torch.no_grad():
-                t_logp = torch.log_softmax(_upcast(teacher_head(th)), dim=-1).to(logits.dtype)
-            loss = _sum_p_log_ratio(logits - lse, t_logp)
+        loss = _variant_loss(variant, logits, lse, ls, lt.to(ls.dtype), lt_rest, s_mask, teacher_head, th)
         # Statistics last: checkpoint's recomputation in backward stops after the last saved tensor.
         with torch.no_grad():
             logp = logits - lse
@@ -260,11 +299,7 @@ def distillation_loss(
             t_logits = _upcast(teacher_head(th))
             if vocab_size < 0:
                 vocab_size = t_logits.shape[-1]
-                _check_vocab(vocab_size, ids, targets)
-                if variant == "localized_bucket" and ids.numel() == vocab_size:
-                    raise SafesteerError("localized_bucket needs tokens outside S, but S is the whole vocabulary")
-                s_mask = torch.zeros(vocab_size, dtype=torch.bool, device=t_logits.device)
-                s_mask[ids] = True
+                s_mask = _safety_mask(vocab_size, ids, targets, variant, t_logits.device)
             t_lse = torch.logsumexp(t_logits, dim=-1, keepdim=True)
             lt = t_logits.index_select(-1, ids) - t_lse
             lt_rest = _log_rest(t_logits, t_lse, s_mask) if variant == "localized_bucket" else empty
@@ -290,20 +325,10 @@ def distillation_loss(
     if position_weights is not None:
         v = _weights(position_weights, (batch, length), "position_weights", device, losses.dtype)
         losses = losses * v.reshape(-1).index_select(0, flat_pos)
-    seq_sum = torch.zeros(batch, dtype=losses.dtype, device=device).index_add(0, seq_of_pos, losses)
-    has_tokens = counts > 0
-    seq_mean = seq_sum[has_tokens] / counts[has_tokens].to(losses.dtype)
-    per_sequence = torch.full((batch,), math.nan, dtype=losses.dtype, device=device)
-    per_sequence[has_tokens] = seq_mean.detach()
-
+    loss, per_sequence = _sequence_means(losses, seq_of_pos, counts, sequence_weights, device)
     stats = {k: float(v) / n_valid for k, v in sums.items()}
     if target_ids is None:
         del stats["sampled_kl"]
-    if sequence_weights is None:
-        loss = seq_mean.mean()
-    else:
-        w = _weights(sequence_weights, (batch,), "sequence_weights", device, losses.dtype)[has_tokens]
-        loss = (w * seq_mean).sum() / w.sum()
     return DistillationOutput(loss=loss, per_sequence=per_sequence, stats=stats)
 
 

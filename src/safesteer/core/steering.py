@@ -128,6 +128,11 @@ def _named_child(block: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return None
 
 
+def attention_and_mlp(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """A decoder block's attention and MLP sub-modules, found by their usual names (None where absent)."""
+    return _named_child(block, _ATTN_NAMES), _named_child(block, _MLP_NAMES)
+
+
 def _residual_norms(block: nn.Module) -> list[nn.Module]:
     """Norms applied to attention/MLP outputs right before they are added to the residual stream."""
     post_ff = getattr(block, "post_feedforward_layernorm", None)
@@ -159,7 +164,7 @@ def _projection_hooks(model: nn.Module, project) -> Iterator[None]:
     try:
         for block in decoder_layers(model):
             handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            attn, mlp = _named_child(block, _ATTN_NAMES), _named_child(block, _MLP_NAMES)
+            attn, mlp = attention_and_mlp(block)
             if attn is None or mlp is None:
                 raise SafesteerError(
                     f"cannot find the attention and MLP modules of {type(block).__name__} "

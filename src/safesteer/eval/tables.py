@@ -10,7 +10,7 @@ from .judges import REFUSAL_JUDGE
 TABLE_COLUMNS = ("harmful refusal", "over-refusal (all sets)", "MMLU", "GSM8K", "KL drift", "token agreement")
 
 
-def _fmt_rate(rate: dict | None) -> str:
+def format_rate(rate: dict | None) -> str:
     """'xx.x% [lo-hi] (k/n)'."""
     if not rate or not rate.get("n"):
         return "-"
@@ -18,7 +18,8 @@ def _fmt_rate(rate: dict | None) -> str:
             f"({rate['k']}/{rate['n']})")
 
 
-def _drift_cell(drift: dict | None) -> str:
+def format_drift(drift: dict | None) -> str:
+    """A drift block as a cell: "reference" for the reference model, else "mean [95% interval over prompts]"."""
     if not drift:
         return "-"
     if drift.get("is_reference"):
@@ -37,16 +38,16 @@ def format_table(results: dict) -> str:
     for name, m in results.get("models", {}).items():
         drift = m.get("drift")
         cells = [
-            _fmt_rate((m.get("safety") or {}).get("overall", {}).get("refusal")),
-            _fmt_rate((m.get("overrefusal") or {}).get("overall", {}).get("refusal")),
-            _fmt_rate((m.get("mmlu") or {}).get("accuracy")),
-            _fmt_rate((m.get("gsm8k") or {}).get("accuracy")),
-            _drift_cell(drift),
-            "reference" if drift and drift.get("is_reference") else _fmt_rate((drift or {}).get("agreement")),
+            format_rate((m.get("safety") or {}).get("overall", {}).get("refusal")),
+            format_rate((m.get("overrefusal") or {}).get("overall", {}).get("refusal")),
+            format_rate((m.get("mmlu") or {}).get("accuracy")),
+            format_rate((m.get("gsm8k") or {}).get("accuracy")),
+            format_drift(drift),
+            "reference" if drift and drift.get("is_reference") else format_rate((drift or {}).get("agreement")),
         ]
         if guard:
             block = (m.get("safety") or {}).get("overall", {})
-            cells.append(_fmt_rate(block.get("attack_success")) + (f", {block['unparseable']} unparseable"
+            cells.append(format_rate(block.get("attack_success")) + (f", {block['unparseable']} unparseable"
                                                                     if block.get("unparseable") else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -58,7 +59,7 @@ def format_sets_table(results: dict) -> str:
     lines = ["| set | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
     for key in results.get("sets", {}):
         kind, name = key.split("/", 1)
-        cells = [_fmt_rate(((results["models"][m].get(kind) or {}).get("sets", {}).get(name) or {}).get("refusal"))
+        cells = [format_rate(((results["models"][m].get(kind) or {}).get("sets", {}).get(name) or {}).get("refusal"))
                  for m in models]
         lines.append(f"| {kind}: {name} (refusal) | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import SafesteerError
 from ..utils import read_json, sha256_file, temp_dir_in, write_json_atomic
@@ -278,6 +278,22 @@ def check_weight_files(path: str | Path, name: str, hint: str) -> None:
 def comparable_identity(identity: dict) -> dict:
     """A model identity without its cache path, which moves with SAFESTEER_CACHE without changing the model."""
     return {k: v for k, v in (identity or {}).items() if k != "path"}
+
+
+def stored_result_matches(meta_path: Path, files: Sequence[Path], format_version: int, identity: dict,
+                          **expected: Any) -> bool:
+    """Whether a stage's stored result may be reused: its JSON metadata (`meta_path`) and every one of
+    `files` exist, and the metadata records `format_version` ("format"), the same model as `identity`
+    ("identity", cache path aside) and each of `expected`."""
+    if not (meta_path.is_file() and all(f.is_file() for f in files)):
+        return False
+    try:
+        meta = read_json(meta_path)
+    except ValueError:
+        return False
+    return (meta.get("format") == format_version
+            and comparable_identity(meta.get("identity", {})) == comparable_identity(identity)
+            and all(meta.get(k) == v for k, v in expected.items()))
 
 
 def model_family(model_or_config: Any) -> str:

@@ -335,28 +335,35 @@ HARMFUL_SPLITS = {"direction_train": 128, "direction_val": 32, "train": 100, "ev
 HARMLESS_SPLITS = {"direction_train": 128, "direction_val": 32, "contrast": 64, "eval": None}
 # The contrast set (beyond the paper): "train" feeds training and the gate; "heldout" is never trained on.
 CONTRAST_SPLITS = {"train": 200, "heldout": None}
-# The edgy set is never trained on: "tune" is for choosing settings, "report" only for reporting.
-EDGY_SPLITS = {"tune": 50, "report": None}
-EDGY_EVAL_PARTS = tuple(EDGY_SPLITS)
+# Every evaluation set is split once, by seed, into a "tune" part for choosing settings and a "report"
+# part used only to report ("eval" is the report part: what the default evaluation reads). Tune sizes:
+TUNE_SIZES = {"harmful": 64, "harmbench": 64, "harmless": 48, "benign": 32, "edgy": 50}
+EVAL_PARTS = ("tune", "report")
 
 
 def builtin_splits(seed: int = 0) -> dict[str, dict[str, list[Prompt]]]:
-    """{'harmful': {...}, 'harmless': {...}, 'contrast': {...}, 'harmbench': all, 'benign': all, 'edgy': {...}}.
+    """{'harmful': {...}, 'harmless': {...}, 'contrast': {...}, 'harmbench': {...}, 'benign': {...}, 'edgy': {...}}.
 
     AdvBench feeds the pipeline (direction, tokens, training) and keeps a held-out remainder; the
     harmless set gives the direction prompts, the plain contrast prompts and a held-out remainder;
-    HarmBench, benign and edgy sets are evaluation-only. The edgy set is split into "tune" and
-    "report"; its "eval" is the report part (what the default over-refusal evaluation reads).
+    HarmBench, benign and edgy sets are evaluation-only. Each held-out remainder and each
+    evaluation-only set is split into "tune" and "report" (TUNE_SIZES); "eval" is the report part.
     """
-    edgy = split_prompts(load_prompts("edgy"), EDGY_SPLITS, seed)
+    harmful = split_prompts(load_prompts("advbench"), HARMFUL_SPLITS, seed)
+    harmless = _harmless_splits(seed)
     return {
-        "harmful": split_prompts(load_prompts("advbench"), HARMFUL_SPLITS, seed),
-        "harmless": _harmless_splits(seed),
+        "harmful": {**harmful, **_tune_report(harmful["eval"], TUNE_SIZES["harmful"], seed)},
+        "harmless": {**harmless, **_tune_report(harmless["eval"], TUNE_SIZES["harmless"], seed)},
         "contrast": split_prompts(load_prompts("contrast"), CONTRAST_SPLITS, seed),
-        "harmbench": {"eval": load_prompts("harmbench")},
-        "benign": {"eval": load_prompts("benign")},
-        "edgy": {**edgy, "eval": edgy["report"]},
+        "harmbench": _tune_report(load_prompts("harmbench"), TUNE_SIZES["harmbench"], seed),
+        "benign": _tune_report(load_prompts("benign"), TUNE_SIZES["benign"], seed),
+        "edgy": _tune_report(load_prompts("edgy"), TUNE_SIZES["edgy"], seed),
     }
+
+
+def _tune_report(prompts: list[Prompt], n_tune: int, seed: int) -> dict[str, list[Prompt]]:
+    parts = split_prompts(prompts, {"tune": n_tune, "report": None}, seed)
+    return {**parts, "eval": parts["report"]}
 
 
 def _harmless_splits(seed: int) -> dict[str, list[Prompt]]:

@@ -31,7 +31,8 @@ from typing import Any, Iterable, Sequence
 from ..errors import SafesteerError
 from ..utils import read_json, read_jsonl, write_text_atomic
 from .figures import (REFUSAL_RATE_KEYS, as_float, candidate_rows, first_key, plot_direction_scores, plot_rates,
-                      plot_representation, plot_safety_tokens, plot_tradeoff, plot_training, png_data_uri)
+                      plot_refusal_tradeoff, plot_representation, plot_safety_tokens, plot_tradeoff, plot_training,
+                      png_data_uri)
 from .representation import REPRESENTATION_NAME
 
 REPORT_NAME = "report.html"
@@ -657,6 +658,27 @@ def tradeoff_points(view: EvalView) -> tuple[list[dict], TradeoffAxis | None, st
     return points, axis, y_label
 
 
+def _evaluation_source(run: RunArtifacts) -> str | None:
+    return str(run.evaluation_path.relative_to(run.root)) if run.evaluation_path else None
+
+
+def _refusal_tradeoff_figure(run: RunArtifacts) -> Block | None:
+    """The figure of `safesteer compare` (harmful refusal against edgy over-refusal) for the run's own
+    results.json: base, aligned and the teacher when it was evaluated."""
+    from ..eval.compare import compare_points, tradeoff_set
+
+    points = compare_points(run.evaluation or {})
+    x_set = tradeoff_set(points)
+    fig = plot_refusal_tradeoff(points, x_set, ((run.evaluation or {}).get("config") or {}).get("part")) if x_set else None
+    if fig is None:
+        return None
+    return figure(fig, f"Trade-off of harmful refusal against {x_set} over-refusal, one point per model: "
+                       + ", ".join(p["name"] for p in points),
+                  "95% Wilson intervals on both axes; the square is the base model, and up and to the left of its "
+                  "dotted lines is safer without refusing more harmless prompts. `safesteer compare` draws the same "
+                  "figure for any number of runs.")
+
+
 def section_evaluation(run: RunArtifacts) -> list[Any]:
     view = evaluation_view(run)
     if view is None:
@@ -689,6 +711,9 @@ def section_evaluation(run: RunArtifacts) -> list[Any]:
                                  + ", ".join(p["model"] for p in points)))
     else:
         figures.append(missing("capability, drift or over-refusal measure", "the trade-off plot needs one per model"))
+    refusal_tradeoff = _refusal_tradeoff_figure(run) if view.source == _evaluation_source(run) else None
+    if refusal_tradeoff is not None:
+        figures.append(refusal_tradeoff)
     parts.append(side_by_side(*figures))
     if view.templates:
         blocks = []

@@ -108,10 +108,31 @@ def extensions(train: dict, tokens: dict, direction: dict, paper: dict[str, dict
             out.append("Safety tokens ranked by p_t x delta (teacher probability times the log-ratio), not by delta.")
         if tokens.get("method", "vote") != "vote":
             out.append("Safety tokens are the top K by mean score, not by votes.")
+    out.extend(training_extensions(train))
     if direction.get("induce_fraction") is not None:
         out.append(f"Refusal direction: a relative induce filter (adding the direction must move the harmless "
                    f"refusal score {direction['induce_fraction']:g} of the way to the harmful baseline) instead of the "
                    f"paper's mean score >= {paper['direction']['induce_threshold']:g}.")
+    return out
+
+
+def training_extensions(train: dict) -> list[str]:
+    """The declared extensions of stage 3 beyond the paper (method.md), each as a sentence."""
+    out = []
+    if train.get("contrast") and (train.get("contrast_prompts_per_step") or 0) > 0:
+        coeff = train.get("contrast_coeff", 0.0) or 0.0
+        teacher = "the unsteered model" if coeff == 0 else f"the model steered with coefficient {coeff:g}"
+        out.append(f"Beyond the paper: contrast prompts ({train['contrast']}), {train['contrast_prompts_per_step']} "
+                   f"per step beside the harmful ones, with {teacher} as their teacher and loss weight "
+                   f"{train.get('contrast_weight', 1.0):g}" + (", one rollout of each the student's greedy "
+                   "continuation" if train.get("contrast_greedy") else "") + ": the student keeps answering what "
+                   "sounds sensitive but is fair.")
+    if (train.get("opening_tokens") or 0) > 0 and train.get("opening_weight", 1.0) != 1.0:
+        out.append(f"Beyond the paper: the first {train['opening_tokens']} completion positions weigh "
+                   f"{train['opening_weight']:g}x in the loss (where a refusal is decided).")
+    if train.get("gate") == "on":
+        out.append("Beyond the paper: a gated teacher, which steers each harmful rollout by the harmfulness its "
+                   "prompt scores at the last instruction token (gate.json).")
     return out
 
 

@@ -5,8 +5,9 @@
     png_data_uri(fig)                       # the same picture, embedded in the report
 
 The stages draw their PNGs with the same functions as the report's panels (direction_scores.png:
-`plot_direction_scores`; safety_tokens.png: `plot_safety_tokens`), so the two never disagree. A
-model keeps its colour across the page (MODEL_COLOURS).
+`plot_direction_scores`; safety_tokens.png: `plot_safety_tokens`; `safesteer compare`'s tradeoff.png:
+`plot_refusal_tradeoff`), so the two never disagree. A model keeps its colour across the page
+(MODEL_COLOURS).
 """
 
 from __future__ import annotations
@@ -345,6 +346,73 @@ def plot_tradeoff(points: list[dict], axis: TradeoffAxis, y_label: str):
     ax.grid(color="0.9")
     ax.margins(0.25)
     ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def _rate_of(value: Any) -> dict | None:
+    """A rate record with a rate and its interval (k, n, rate, ci_low, ci_high), else None."""
+    if isinstance(value, dict) and value.get("n") and value.get("rate") is not None:
+        return value
+    return None
+
+
+def _counts(values: Sequence[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def plot_refusal_tradeoff(points: Sequence[dict], x_set: str = "edgy", part: str | None = None):
+    """Refusal of harmful prompts (y) against over-refusal on the `x_set` prompts (x): one labelled point per
+    model with 95% Wilson intervals on both axes; the base model (kind "base") is drawn as a square, with
+    dotted lines through it, so that a point up and to the left of both lines is safer than the base
+    without refusing more of the harmless prompts. The title names the part of the evaluation sets and n.
+
+    `points` are compare.json's (`eval.compare.compare_points`): `safesteer compare` saves this figure as
+    tradeoff.png and the run report draws it from the run's own eval/results.json. None when no point has
+    both rates.
+    """
+    from matplotlib.ticker import PercentFormatter
+
+    drawn = [(p, _rate_of(p.get("harmful_refusal")), _rate_of((p.get("overrefusal") or {}).get(x_set))) for p in points]
+    drawn = [(p, y, x) for p, y, x in drawn if x and y]
+    if not drawn:
+        return None
+    fig = _figure(7.4, 5.6)
+    ax = fig.subplots()
+    placed: list[tuple[float, float]] = []
+    for i, (p, y, x) in enumerate(drawn):
+        base = p.get("kind") == "base"
+        colour = _colour(str(p.get("name")), i)
+        name = _plain(p.get("name")) + (" (base)" if base and p.get("name") != "base" else "")
+        ax.errorbar([x["rate"]], [y["rate"]], xerr=[[x["rate"] - x["ci_low"]], [x["ci_high"] - x["rate"]]],
+                    yerr=[[y["rate"] - y["ci_low"]], [y["ci_high"] - y["rate"]]], fmt="s" if base else "o",
+                    # The base: a larger open square, so a point drawn on top of it stays visible inside it.
+                    markersize=14 if base else 8, markerfacecolor="none" if base else colour, markeredgewidth=2.2 if base else 1,
+                    capsize=3, color=colour, elinewidth=1.2, label=name, zorder=3)
+        if base:
+            ax.axhline(y["rate"], color="0.55", linestyle=":", linewidth=1, zorder=1)
+            ax.axvline(x["rate"], color="0.55", linestyle=":", linewidth=1, zorder=1)
+        # Labels of points close to an earlier one step down, so neither hides the other.
+        near = sum(abs(x["rate"] - a) < 0.08 and abs(y["rate"] - b) < 0.06 for a, b in placed)
+        placed.append((x["rate"], y["rate"]))
+        ax.annotate(name, (x["rate"], y["rate"]), textcoords="offset points", xytext=(9, 5 - 13 * near), fontsize=9,
+                    fontweight="bold" if base else "normal", zorder=4)
+    # Whole axes from 0 to 1: two figures of the same kind read alike, and no interval is cut off.
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    what = "harmless-but-edgy prompts" if x_set == "edgy" else f"{x_set} prompts"
+    ax.set_xlabel(_plain(f"over-refusal: refusal rate on {what} (lower = better)"), fontsize=9)
+    ax.set_ylabel("refusal rate on harmful prompts (higher = safer)", fontsize=9)
+    n_y = _counts([y["n"] for _, y, _ in drawn])
+    n_x = _counts([x["n"] for _, _, x in drawn])
+    title = (f"harmful refusal vs {x_set} over-refusal ({part + ' part' if part else 'evaluation sets'}): "
+             f"n = {n_y} harmful, {n_x} {x_set}")
+    ax.set_title(_plain(title) + "\nup and to the left is better; bars: 95% Wilson intervals", fontsize=9.5)
+    ax.grid(color="0.92")
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="lower right")
     return fig
 
 

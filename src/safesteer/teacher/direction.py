@@ -57,10 +57,11 @@ from ..core.forward import model_device, positions_from_mask
 from ..core.generation import effective_dtype_name, generation_precision, resolve_generation_dtype
 from ..core.steering import ablate_direction, ablate_directions_per_copy, add_direction, hidden_of
 from ..errors import SafesteerError
-from ..io.models import comparable_identity, safetensors_problem
+from ..io.models import comparable_identity, safetensors_problem, stored_result_matches
+from ..io.run_dir import changed_settings
 from ..io.prompts import prompt_texts
 from ..parallel import all_reduce_sum, gather_objects, shard, world_size
-from ..utils import atomic_path, help_field, preset_config, read_json, sha256_texts, write_json_atomic
+from ..utils import atomic_path, help_field, phase, preset_config, read_json, sha256_texts, write_json_atomic
 
 DIRECTION_FILE = "direction.safetensors"
 META_FILE = "direction.json"
@@ -523,6 +524,8 @@ def choose_candidate(table: list[Candidate], n_layers: int, max_layer_frac: floa
 
 def _no_survivor_error(table: list[Candidate], n_layers: int, max_layer_frac: float, kl_threshold: float,
                        induce_threshold: float = 0.0) -> SafesteerError:
+    from ..cli import stage_options
+
     counts = {"requested": 0, "layer": 0, "zero": 0, "KL": 0, "induce": 0}  # "requested" before "layer"
     for c in table:
         reason = (c.excluded or layer_exclusion(c.position, c.layer, n_layers, max_layer_frac)
@@ -533,10 +536,12 @@ def _no_survivor_error(table: list[Candidate], n_layers: int, max_layer_frac: fl
                 break
     return SafesteerError(
         f"no candidate direction survives the filters ({len(table)} candidates: {counts['layer']} at layers >= "
-        f"{max_layer_frac:g}*{n_layers}, {counts['requested']} outside --layers/--positions, {counts['zero']} zero, "
-        f"{counts['KL']} with KL > {kl_threshold:g}, {counts['induce']} with induce score < {induce_threshold:g}); try a larger "
-        f"--kl-threshold, widen --layers/--positions, use more or clearer harmful/harmless prompts, or check that "
-        f"the model refuses harmful requests at all (for a model that barely refuses, a lower --induce-threshold)")
+        f"{max_layer_frac:g}*{n_layers}, {counts['requested']} outside the requested layers/positions, "
+        f"{counts['zero']} zero, {counts['KL']} with KL > {kl_threshold:g}, {counts['induce']} with induce score < "
+        f"{induce_threshold:g}); try a larger KL threshold, widen the requested layers/positions, use more or clearer "
+        f"harmful/harmless prompts, or check that the model refuses harmful requests at all (for a model that barely "
+        f"refuses, a lower induce threshold); the options: "
+        f"{stage_options('direction', 'kl_threshold', 'layers', 'positions', 'induce_threshold')}")
 
 
 def _evaluate(table: list[Candidate], n_layers: int, config: DirectionConfig,
@@ -772,17 +777,25 @@ def _is_int(value: Any, none_ok: bool = False) -> bool:
 
 
 def _reusable(out_dir: Path, identity: dict, hashes: dict, config: DirectionConfig) -> bool:
-    meta_path = out_dir / META_FILE
-    if not (meta_path.is_file() and (out_dir / DIRECTION_FILE).is_file() and (out_dir / PLOT_FILE).is_file()):
-        return False
+    return stored_result_matches(out_dir / META_FILE, (out_dir / DIRECTION_FILE, out_dir / PLOT_FILE), FORMAT_VERSION,
+                                 identity, prompt_sha256=hashes, config_key=config.result_key())
+
+
+def stored_direction_changes(out_dir: Path, identity: dict, hashes: dict, config: DirectionConfig) -> list[str]:
+    """How the finished stage-1 result in `out_dir` was made differently from this run: one
+    'SETTING OLD -> NEW' line per difference in model, prompts and settings; [] when they match or
+    there is no readable result (a damaged one is computed again, see `run_direction_stage`)."""
     try:
-        meta = read_json(meta_path)
-    except ValueError:
-        return False
-    return (meta.get("format") == FORMAT_VERSION
-            and comparable_identity(meta.get("identity", {})) == comparable_identity(identity)
-            and meta.get("prompt_sha256") == hashes
-            and meta.get("config_key") == config.result_key())
+        meta = read_json(out_dir / META_FILE) if (out_dir / META_FILE).is_file() else None
+    except (OSError, ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        return []
+    if meta.get("format") != FORMAT_VERSION:
+        return [f"{META_FILE} format {meta.get('format')} -> {FORMAT_VERSION} (made by another safesteer version)"]
+    return (changed_settings(meta.get("config_key") or {}, config.result_key(), "direction.")
+            + changed_settings(comparable_identity(meta.get("identity") or {}), comparable_identity(identity), "model.")
+            + changed_settings(meta.get("prompt_sha256") or {}, hashes, "direction prompts "))
 
 
 def _apply_filter(acts: dict[str, _ActivationSums], val_scores: dict[str, torch.Tensor],
@@ -838,8 +851,13 @@ def _write_failure(out_dir: Path, record: dict, table: list[Candidate], n_layers
 def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_dir: str | Path,
                         harmful_train: Sequence[Any], harmless_train: Sequence[Any], harmful_val: Sequence[Any],
                         harmless_val: Sequence[Any], config: DirectionConfig | None = None, progress: bool = True,
-                        force: bool = False) -> SteeringSpec:
-    """Stage 1 end to end; reuses the artifacts in `out_dir` when model, prompts and settings match."""
+                        force: bool = False, on_change: Callable[[list[str]], None] | None = None) -> SteeringSpec:
+    """Stage 1 end to end; reuses the artifacts in `out_dir` when model, prompts and settings match.
+
+    A stored result made with another model, other prompts or other settings is computed again, unless
+    `on_change` is given: it is called first with the differences (`stored_direction_changes`), so that
+    `align` can stop instead of replacing a direction its later stages were built on.
+    """
     from safetensors.torch import save_file
 
     config = config or DirectionConfig()
@@ -851,6 +869,9 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
             "harmful_val": prompt_texts(harmful_val)[:config.n_val],
             "harmless_val": prompt_texts(harmless_val)[:config.n_val]}
     hashes = {k: sha256_texts(v) for k, v in sets.items()}
+    changes = [] if force or on_change is None else stored_direction_changes(out_dir, identity, hashes, config)
+    if changes:
+        on_change(changes)
     if not force and _reusable(out_dir, identity, hashes, config):
         try:
             spec = load_direction(out_dir, model)
@@ -860,6 +881,7 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
         else:
             print(f"[direction] reusing the refusal direction in {out_dir} (same model, prompts and settings)")
             return spec
+    phase("direction")  # computing from here (the kill -9 soak test stops runs at these announced points)
 
     def log(msg):
         if progress:
@@ -962,6 +984,7 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / DIRECTION_FILE) as tmp:
         save_file({"direction": direction}, str(tmp), metadata={"layer": str(choice.layer), "position": str(choice.position)})
+    phase("direction-write")  # the new tensor is in place, its direction.json not yet: a kill here must not be reused
     _plot_scores(selection.candidates, n_layers, config, induce_threshold, labels, out_dir / PLOT_FILE)
     write_json_atomic(out_dir / META_FILE, meta)  # written last: its presence marks a finished stage
     for stale in (FAILED_FILE, FAILED_PLOT_FILE):
@@ -993,6 +1016,7 @@ def _cmd_direction(args: argparse.Namespace) -> int:
     """
     from ..cli import config_values, load_model_from_args, resolve_preset
     from ..io.prompts import builtin_splits
+    from ..io.run_dir import check_out_dir, claim_out_dir
     from ..utils import seed_everything
 
     preset = resolve_preset(args.preset)
@@ -1009,7 +1033,9 @@ def _cmd_direction(args: argparse.Namespace) -> int:
         harmless_train, harmless_val = _split_user_set(args.harmless, args.field, config.n_train, config.n_val, config.seed, "harmless")
     else:
         harmless_train, harmless_val = splits["harmless"]["direction_train"], splits["harmless"]["direction_val"]
+    check_out_dir(args.out)  # before loading the model
     loaded = load_model_from_args(args)
+    claim_out_dir(args.out, "direction")
     spec = run_direction_stage(loaded.model, loaded.tokenizer, loaded.identity, args.out, harmful_train, harmless_train,
                                harmful_val, harmless_val, config, force=args.force)
     m = spec.meta

@@ -58,9 +58,9 @@ from ..core.anatomy import decoder_layers, format_prompts, post_instruction_leng
 from ..core.forward import model_device, positions_from_mask
 from ..core.steering import add_direction, hidden_of
 from ..errors import SafesteerError
-from ..io.models import comparable_identity
+from ..io.models import comparable_identity, stored_result_matches
 from ..io.prompts import prompt_texts, question_form, split_prompts
-from ..utils import atomic_path, help_field, read_json, sha256_texts, write_json_atomic
+from ..utils import atomic_path, check_choice, help_field, read_json, sha256_texts, write_json_atomic
 
 GATE_FILE = "gate.safetensors"
 GATE_META = "gate.json"
@@ -95,12 +95,9 @@ class GateConfig:
     seed: int = help_field(0, "seed of the built-in prompt splits and of the hold-out")
 
     def __post_init__(self):
-        if self.rewrites not in REWRITES:
-            raise SafesteerError(f"unknown rewrites '{self.rewrites}'; use one of: {', '.join(REWRITES)}")
-        if self.kind not in PROBE_KINDS:
-            raise SafesteerError(f"unknown gate kind '{self.kind}'; use one of: {', '.join(PROBE_KINDS)}")
-        if self.shape not in GATE_SHAPES:
-            raise SafesteerError(f"unknown gate shape '{self.shape}'; use one of: {', '.join(GATE_SHAPES)}")
+        check_choice(self.rewrites, REWRITES, "rewrites")
+        check_choice(self.kind, PROBE_KINDS, "gate kind")
+        check_choice(self.shape, GATE_SHAPES, "gate shape")
         if not 0 < self.val_fraction < 1 or not 0 < self.fpr < 1 or not 0 < self.tpr < 1:
             raise SafesteerError("val_fraction, fpr and tpr must lie in (0, 1)")
         if self.l2 <= 0 or self.batch_size < 1:
@@ -512,19 +509,6 @@ def choose_layer(per_layer: list[dict]) -> dict:
     return max(tied, key=lambda r: (r["val_margin"], r["val_auroc"]))
 
 
-def _reusable(out_dir: Path, identity: dict, key: dict) -> bool:
-    path = out_dir / GATE_META
-    if not (path.is_file() and (out_dir / GATE_FILE).is_file()):
-        return False
-    try:
-        meta = read_json(path)
-    except ValueError:
-        return False
-    return (meta.get("format") == FORMAT_VERSION
-            and comparable_identity(meta.get("identity", {})) == comparable_identity(identity)
-            and meta.get("result_key") == key)
-
-
 def run_gate_stage(model: nn.Module, tokenizer: Any, identity: dict, out_dir: str | Path, spec: Any,
                    config: GateConfig | None = None, progress: bool = True, force: bool = False) -> Gate:
     """Fit, choose, calibrate and measure the gate; write OUT/gate.safetensors + OUT/gate.json.
@@ -544,7 +528,8 @@ def run_gate_stage(model: nn.Module, tokenizer: Any, identity: dict, out_dir: st
     hashes = {k: sha256_texts(v) for k, v in {**fit_sets, **eval_sets}.items()}
     key = {"config": config.result_key(), "layers": layers, "steering_layer": spec.layer,
            "direction_sha256": direction_sha(spec), "prompt_sha256": hashes}
-    if not force and _reusable(out_dir, identity, key):
+    if not force and stored_result_matches(out_dir / GATE_META, (out_dir / GATE_FILE,), FORMAT_VERSION, identity,
+                                           result_key=key):
         if progress:
             print(f"[gate] reusing the gate in {out_dir} (same model, prompts, steering layer and settings)")
         return load_gate(out_dir, model)
@@ -666,11 +651,14 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     the same model, prompts, direction and settings reuse the stored result.
     """
     from ..cli import config_values, load_model_from_args
+    from ..io.run_dir import check_out_dir, claim_out_dir
     from .direction import load_direction
 
     config = GateConfig(**{k: v for k, v in config_values(args, GateConfig).items() if v is not None})
+    check_out_dir(args.out)  # before loading the model
     loaded = load_model_from_args(args)
     spec = load_direction(args.direction or args.out, loaded.model)
+    claim_out_dir(args.out, "gate")
     gate = run_gate_stage(loaded.model, loaded.tokenizer, loaded.identity, args.out, spec, config, force=args.force)
     print(format_gate_report(gate.meta))
     print(f"artifacts: {Path(args.out) / GATE_FILE}, {Path(args.out) / GATE_META}")

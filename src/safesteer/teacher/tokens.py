@@ -43,9 +43,11 @@ from ..core.sampling import rollout_seeds
 from ..errors import SafesteerError
 from ..io.models import comparable_identity, model_family
 from ..io.prompts import Prompt, prompt_texts
+from ..io.run_dir import changed_settings
 from ..parallel import (all_reduce_sum, barrier, broadcast_object, gather_objects, is_main_process, shard_bounds,
                         world_size)
-from ..utils import help_field, preset_config, read_json, sha256_file, sha256_texts, write_json_atomic
+from ..utils import (check_choice, help_field, phase, preset_config, read_json, sha256_file, sha256_texts,
+                     write_json_atomic)
 
 FORMAT_VERSION = 1
 JSON_NAME = "safety_tokens.json"
@@ -90,10 +92,8 @@ class SafetyTokenConfig:
                 raise SafesteerError(f"{name} must be >= 1")
         if self.min_steered_prob is not None and not 0 <= self.min_steered_prob < 1:
             raise SafesteerError("min_steered_prob must be in [0, 1)")
-        if self.method not in METHODS:
-            raise SafesteerError(f"unknown method '{self.method}'; use one of: {', '.join(METHODS)}")
-        if self.rank_by not in RANK_BY:
-            raise SafesteerError(f"unknown rank_by '{self.rank_by}'; use one of: {', '.join(RANK_BY)}")
+        check_choice(self.method, METHODS, "method")
+        check_choice(self.rank_by, RANK_BY, "rank_by")
         if self.generation_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise SafesteerError(f"unknown generation_dtype '{self.generation_dtype}'; use auto, float32 or bfloat16")
 
@@ -276,9 +276,12 @@ class TokenStats:
 
     def select(self, eligible: torch.Tensor, k: int, method: str = "vote") -> TokenSelection:
         if self.n_valid == 0:
+            from ..cli import stage_options
+
             raise SafesteerError(
                 "no valid response position: the base model predicts an end of turn at the first position of every "
-                "sample; use prompts it answers (harmless instructions) or a longer --horizon"
+                f"sample; use prompts it answers (harmless instructions) or a longer horizon "
+                f"({stage_options('tokens', 'horizon')})"
             )
         n = float(self.n_scored or 1)
         mean_delta = self.sum_delta / n
@@ -570,13 +573,29 @@ def _matches(data: dict, identity: dict, direction_sha: str, prompts: dict, conf
             and data.get("config") == asdict(config))
 
 
+def stored_token_changes(data: dict, identity: dict, direction_sha: str, prompts: dict,
+                         config: SafetyTokenConfig) -> list[str]:
+    """How the stored stage-2 result `data` was made differently from this run: one 'SETTING OLD -> NEW'
+    line per difference in model, refusal direction, prompts and settings ([] when they match)."""
+    if data.get("format") != FORMAT_VERSION:
+        return [f"{JSON_NAME} format {data.get('format')} -> {FORMAT_VERSION} (made by another safesteer version)"]
+    direction, used = data.get("direction") or {}, data.get("prompts") or {}
+    return (changed_settings(data.get("config") or {}, asdict(config), "tokens.")
+            + changed_settings(comparable_identity(data.get("model") or {}), comparable_identity(identity), "model.")
+            + changed_settings({"direction.safetensors": direction.get("sha256")}, {"direction.safetensors": direction_sha})
+            + changed_settings({"tokens prompts": used.get("sha256")}, {"tokens prompts": prompts["sha256"]}))
+
+
 def run_token_stage(model: Any, tokenizer: Any, identity: dict, direction_dir: str | Path, out_dir: str | Path,
                     prompts: Sequence[Any], config: SafetyTokenConfig | None = None, progress: bool = True,
-                    force: bool = False) -> SafetyTokenResult:
+                    force: bool = False, on_change: Callable[[list[str]], None] | None = None) -> SafetyTokenResult:
     """Select S with the teacher stored in `direction_dir`; write (or reuse) the artifacts in `out_dir`.
 
     Launched with several processes, every process calls it: the main process decides on reuse and
-    writes the artifacts, the others wait for them; all return the same result.
+    writes the artifacts, the others wait for them; all return the same result. A stored result made
+    with another model, direction, prompts or settings is selected again, unless `on_change` is given:
+    every process calls it first with the differences (`stored_token_changes`), so that `align` can stop
+    instead of replacing the S its training was built on.
     """
     from .direction import DIRECTION_FILE, load_direction
 
@@ -589,26 +608,32 @@ def run_token_stage(model: Any, tokenizer: Any, identity: dict, direction_dir: s
     spec = load_direction(direction_dir, model)
     direction_sha = sha256_file(Path(direction_dir) / DIRECTION_FILE)
     json_path = out_dir / JSON_NAME
-    reusable = None
+    reusable, changes = None, []
     if is_main_process() and json_path.is_file() and not force:
         try:
             data = read_json(json_path)
         except (OSError, ValueError, RecursionError):
             data = {}
         try:  # a damaged or hand-edited file is selected again, never reused
+            if isinstance(data, dict) and on_change is not None:
+                changes = stored_token_changes(data, identity, direction_sha, record, config)
             if (isinstance(data, dict) and _matches(data, identity, direction_sha, record, config)
                     and token_ids_problem(data, _vocab_size(model)) is None and SafetyTokenResult.from_json(data)):
                 reusable = data
         except (AttributeError, KeyError, TypeError, ValueError):
             pass
     # One decision for all processes: they either all return the stored result or all join the selection.
-    reusable = broadcast_object(reusable) if world_size() > 1 else reusable
+    if world_size() > 1:
+        reusable, changes = broadcast_object((reusable, changes))
+    if changes:
+        on_change(changes)  # on every process, so that none waits for the others at a barrier
     if reusable is not None:
         result = SafetyTokenResult.from_json(reusable)
         if is_main_process() and not (out_dir / PLOT_NAME).is_file():
             _plot(reusable, out_dir / PLOT_NAME)
         barrier()
         return result
+    phase("tokens")  # selecting from here (the kill -9 soak test stops runs at these announced points)
     result = select_safety_tokens(model, tokenizer, lambda: spec.teacher(model), texts, config, progress=progress)
     if is_main_process():
         direction_record = {"sha256": direction_sha, "path": str(Path(direction_dir).resolve()), "layer": spec.layer,
@@ -685,12 +710,14 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
     """
     from ..cli import config_values, load_model_from_args, resolve_preset
     from ..io.prompts import builtin_splits, load_prompts
+    from ..io.run_dir import check_out_dir, claim_out_dir
     from .direction import load_direction
 
     preset = resolve_preset(args.preset)
     config = SafetyTokenConfig.from_preset(preset, **config_values(args, SafetyTokenConfig))
     direction_dir = Path(args.direction or args.out)
     spec = load_direction(direction_dir)  # fail before loading the model
+    check_out_dir(args.out)
     if args.prompts:
         prompts = load_prompts(args.prompts, field=args.field)
     else:
@@ -705,6 +732,7 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
         n_before = len(prompts)
         prompts = filter_harmless(model, tokenizer, prompts, config.n_prompts, command="tokens")
         print(f"harmless filter: {len(prompts)} prompts used ({n_before} candidates, refusal score < 0 on the base model)")
+    claim_out_dir(args.out, "tokens")
     result = run_token_stage(model, tokenizer, loaded.identity, direction_dir, args.out, prompts, config,
                              force=args.force)
     print(format_token_table(result))

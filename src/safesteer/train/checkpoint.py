@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SafesteerError
-from ..utils import read_jsonl, temp_dir_in, write_json_atomic, write_jsonl_atomic
+from ..utils import (disk_full_error, fsync_path, fsync_tree, is_disk_full, phase, read_jsonl, temp_dir_in,
+                     write_json_atomic, write_jsonl_atomic)
 from .config import TrainConfig
 
 CHECKPOINT_FORMAT = 1
@@ -26,7 +27,7 @@ CHECKPOINT_NAME = "checkpoint"
 _OLD_NAME = ".checkpoint.old"
 
 # Settings that may change between an interrupted run and its resumption without changing the math.
-RESUME_FREE = ("checkpoint_every", "merge", "preset")
+RESUME_FREE = ("checkpoint_every", "merge", "preset", "max_nonfinite_steps")
 
 
 def data_order(n_prompts: int, config: TrainConfig, per_step: int | None = None, stream: str = "") -> list[int]:
@@ -46,26 +47,61 @@ def data_order(n_prompts: int, config: TrainConfig, per_step: int | None = None,
     return order[:needed]
 
 
+def nonfinite_names(tensors: dict) -> list[str]:
+    """The names of the floating-point tensors in `tensors` that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def require_finite(tensors: dict, what: str) -> None:
+    """Refuse to write `what` (a checkpoint, the model) from non-finite weights: it would replace a good one."""
+    bad = nonfinite_names(tensors)
+    if bad:
+        raise SafesteerError(f"not writing {what}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: "
+                             f"{bad[0]}), so training diverged; lower --learning-rate (or use --bf16 off) and start "
+                             f"again with a new --out")
+
+
 def write_checkpoint(out: Path, weights: dict, optimizer: dict | None, scheduler: dict, record: dict) -> Path:
-    """Write OUT/checkpoint to a temporary folder, then swap it in: a crash leaves the old one whole.
+    """Write OUT/checkpoint to a temporary folder, then swap it in: a crash at any moment leaves a whole
+    checkpoint, the new one or the one before it (OUT/.checkpoint.old, see `find_checkpoint`).
 
     `record` (the step, data order, settings and data hashes) goes to state.json, written last: its
-    presence marks a finished checkpoint.
+    presence marks a finished checkpoint. Every file and the renames are fsynced, so a power cut does not
+    leave a finished-looking checkpoint with empty files. Weights with NaN or infinity are refused before
+    anything is written; a full disk is one user error and leaves the previous checkpoint as it was.
     """
     from safetensors.torch import save_file
 
+    step = record.get("step")
+    require_finite(weights, f"the checkpoint of step {step}")
     out.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_in(out, ".checkpoint.")
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save(scheduler, tmp / "scheduler.pt")
-    write_json_atomic(tmp / "state.json", record)  # last: marks the folder complete
+    try:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(scheduler, tmp / "scheduler.pt")
+        write_json_atomic(tmp / "state.json", record)  # last: marks the folder complete
+        fsync_tree(tmp)
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and is_disk_full(exc, out)  # asked while the partial files still fill it
+        shutil.rmtree(tmp, ignore_errors=True)  # half written: give its space back, the old checkpoint stays
+        if full:
+            raise disk_full_error(f"the checkpoint of step {step}", out) from exc
+        raise
+    phase(f"checkpoint-files:{step}")
     target, old = out / CHECKPOINT_NAME, out / _OLD_NAME
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
+    if (target / "state.json").is_file():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)  # aside, whole, until the new one is in place
+        phase(f"checkpoint-swap:{step}")
+    elif target.exists():
+        shutil.rmtree(target)  # not a finished checkpoint (no state.json): nothing to keep
+    # No finished OUT/checkpoint but a .checkpoint.old (a crash between the two renames, resumed from there):
+    # it stays until the new checkpoint is in place, so there is never a moment without a whole checkpoint.
     os.replace(tmp, target)
+    fsync_path(out)
     shutil.rmtree(old, ignore_errors=True)
     return target
 

@@ -13,7 +13,7 @@ import torch
 
 from ..core.loss import LOSS_VARIANTS
 from ..errors import SafesteerError
-from ..utils import help_field
+from ..utils import check_choice, help_field
 
 FINETUNE_MODES = ("lora", "full")
 GATE_MODES = ("off", "on")
@@ -61,6 +61,9 @@ class TrainConfig:
                                                "process count), bfloat16; `align` uses it for its summary's answers too")
     gradient_checkpointing: bool = help_field(False, "recompute activations in backward (saves memory, costs time)")
     checkpoint_every: int = help_field(1, "write a resumable checkpoint every N steps (and after the last)")
+    max_nonfinite_steps: int = help_field(3, "stop after this many steps in a row whose loss or gradient norm is NaN "
+                                             "or infinite (each such step is skipped: no update, counted in "
+                                             "metrics.jsonl)")
     num_prompts: int = help_field(0, "use only the first N training prompts (0 = all)")
     merge: bool = help_field(True, "save the LoRA student merged into a plain model (else the adapter only)")
     seed: int = help_field(42, "seed of data order, rollouts and adapter initialisation")
@@ -84,8 +87,7 @@ class TrainConfig:
                                   "(OUT/gate.json, from `safesteer gate`; fitted there if missing); off = always coeff")
 
     def __post_init__(self):
-        if self.loss not in LOSS_VARIANTS:
-            raise SafesteerError(f"unknown loss '{self.loss}'; use one of: {', '.join(LOSS_VARIANTS)}")
+        check_choice(self.loss, LOSS_VARIANTS, "loss")
         if self.finetune not in FINETUNE_MODES:
             raise SafesteerError(f"unknown finetune mode '{self.finetune}'; use lora or full")
         if self.lora_layers not in LORA_LAYERS:
@@ -100,7 +102,7 @@ class TrainConfig:
         if self.teacher_dtype not in ("same", "bfloat16", "float16"):
             raise SafesteerError("teacher_dtype must be same, bfloat16 or float16")
         for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "chunk_size",
-                     "lora_r", "checkpoint_every"):
+                     "lora_r", "checkpoint_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise SafesteerError(f"{name} must be >= 1")
         if self.learning_rate <= 0 or self.max_grad_norm <= 0:
@@ -137,8 +139,7 @@ class TrainConfig:
     @classmethod
     def from_preset(cls, name: str, family: str = "qwen", **overrides: Any) -> "TrainConfig":
         """A preset's settings, then `overrides` (None values ignored). `family` picks the paper's lr."""
-        if name not in PRESETS:
-            raise SafesteerError(f"unknown preset '{name}'; use one of: {', '.join(PRESETS)}")
+        check_choice(name, PRESETS, "preset")
         values = dict(PRESETS[name], preset=name)
         if name == "paper":
             values["learning_rate"] = PAPER_LR.get(family, PAPER_LR["qwen"])

@@ -131,9 +131,9 @@ def rollout_dtype(setting: str, student: Any, accelerator: Any = None) -> torch.
     """The dtype of the sampling copy for `TrainConfig.generation_dtype`, or None to sample from the
     student itself: with weights sharded over processes (FSDP, ZeRO-3) no process can hold a copy."""
     from ..core.generation import resolve_generation_dtype
-    from ..parallel import _shards_weights
+    from ..parallel import shards_weights
 
-    if accelerator is not None and _shards_weights(accelerator):
+    if accelerator is not None and shards_weights(accelerator):
         return None
     return resolve_generation_dtype(setting, student)
 

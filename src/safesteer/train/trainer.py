@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,9 +47,10 @@ from ..core.sampling import rollout_seeds, seeded_sampling, step_seed
 from ..core.steering import starting_at
 from ..errors import SafesteerError
 from ..io.prompts import prompt_texts
-from ..utils import append_jsonl, read_json, read_jsonl, seed_everything, sha256_texts, temp_dir_in, write_json_atomic
+from ..utils import (append_jsonl, disk_full_error, is_disk_full, phase, read_json, read_jsonl, replace_dir,
+                     seed_everything, sha256_texts, temp_dir_in, write_json_atomic)
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_resumable, data_order, drop_metrics_after,
-                         find_checkpoint, write_checkpoint)
+                         find_checkpoint, require_finite, write_checkpoint)
 from .config import TrainConfig
 
 
@@ -119,8 +121,6 @@ def prepare_student(model: Any, config: TrainConfig, steering_layer: int | None 
     else:
         model.requires_grad_(True)
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
-            import warnings
-
             warnings.warn("full fine-tune of half-precision weights: AdamW updates of lr ~1e-5 fall below bf16 "
                           "resolution and are lost; load the model with --dtype float32 (bf16 autocast still applies)",
                           stacklevel=2)
@@ -294,6 +294,9 @@ class Trainer:
         self.contrast_order = (data_order(len(self.contrast), config, config.contrast_prompts_per_step, "contrast")
                                if self.contrast else [])
         self.merged = False
+        # Steps skipped because their loss or gradient norm was NaN or infinite: in all, and the current run
+        # of them (kept in the checkpoint, so a resumed run stops after as many in a row as one that ran through).
+        self.nonfinite_skips = self.nonfinite_in_a_row = 0
         self._resume()
 
     def _gate(self, model: Any, tokenizer: Any, split_seed: int) -> Any:
@@ -331,6 +334,7 @@ class Trainer:
         if positions is None:
             positions = range(self.step * cfg.prompts_per_step, self.step * cfg.prompts_per_step + len(instructions))
         t0 = time.perf_counter()
+        phase(f"rollout:{self.step + 1}")
         student = self.accelerator.unwrap_model(self.model)  # sampling needs no gradient synchronisation
         if getattr(self, "rollout_model", None) is None:  # a persistent bf16 copy to sample from (rollout.RolloutModel)
             self.rollout_model = RolloutModel(student, rollout_dtype(cfg.generation_dtype, student, self.accelerator))
@@ -408,23 +412,47 @@ class Trainer:
         return out
 
     def update(self, batch: Any, plan: RowPlan | None = None) -> dict:
-        """Teacher and student score the rollouts; one optimizer step on the loss between them."""
+        """Teacher and student score the rollouts; one optimizer step on the loss between them.
+
+        A step whose loss or gradient norm is NaN or infinite (on any process) is skipped: no optimizer
+        step and the gradients dropped, so weights and optimizer state stay as they were; the row says so
+        (skipped_nonfinite) and counts them (nonfinite_skips). `train` stops after too many in a row.
+        """
         cfg = self.config
         timings: dict = {}
         out = self.score(batch, timings, plan)
         t1 = timings["teacher_end"]
-        # Through the accelerator: under DDP the student's forward and this backward synchronise the gradients.
-        self.accelerator.backward(out.loss * self._loss_scale(len(batch.responses), plan))
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = math.nan
+        # The same decision on every process: under DDP a backward on only some of them would hang the others.
+        finite = self._finite_everywhere(out.loss.detach())
+        if finite:
+            # Through the accelerator: under DDP the student's forward and this backward synchronise the gradients.
+            # (DeepSpeed steps inside its engine's backward: there only a non-finite loss is caught.)
+            self.accelerator.backward(out.loss * self._loss_scale(len(batch.responses), plan))
+            norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            grad_norm = math.nan if norm is None else float(norm)  # DeepSpeed clips inside its engine
+            finite = norm is None or self._finite_everywhere(norm)
+        phase(f"optimizer-step:{self.step + 1}")
+        if finite:
+            self.optimizer.step()
+        with warnings.catch_warnings():  # the schedule follows the step number, skipped steps included
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)  # a skipped step's NaN gradients go here
         self.model.eval()
-        grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside its engine
+        self.nonfinite_skips += not finite
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         return {"loss": float(out.loss.detach()), **out.stats, "grad_norm": grad_norm, "lr": lr,
+                "skipped_nonfinite": not finite, "nonfinite_skips": self.nonfinite_skips,
                 **self._plan_metrics(out.per_sequence, plan),
                 "time_teacher_s": timings["teacher"], "time_student_s": time.perf_counter() - t1}
+
+    @staticmethod
+    def _finite_everywhere(value: Any) -> bool:
+        """True when `value` (a number or a one-element tensor) is finite on every process."""
+        bad = torch.tensor([0.0 if math.isfinite(float(value)) else 1.0])
+        return float(parallel.all_reduce_sum(bad)[0]) == 0.0
 
     # -- beyond the paper: per-row teacher coefficients and loss weights ------------------------------
 
@@ -516,6 +544,12 @@ class Trainer:
             if main:
                 append_jsonl(self.out / "metrics.jsonl", [row])
             rows.append(row)
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                first = self.step - self.nonfinite_in_a_row + 1
+                raise SafesteerError(f"training stopped: the loss or gradient norm was NaN or infinite in "
+                                     f"{self.nonfinite_in_a_row} steps in a row (steps {first}-{self.step}, skipped "
+                                     f"without changing the weights); lower --learning-rate, use --bf16 off or "
+                                     f"--dtype float32, and start again with a new --out")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
             bar.update(1)
@@ -537,7 +571,10 @@ class Trainer:
 
     def _state_record(self) -> dict:
         record = {"format": CHECKPOINT_FORMAT, "step": self.step, "order": self.order, "config": asdict(self.config),
-                  "prompts_sha256": sha256_texts(self.prompts), "safety_ids": self.safety_ids.tolist()}
+                  "prompts_sha256": sha256_texts(self.prompts), "safety_ids": self.safety_ids.tolist(),
+                  "nonfinite_skips": self.nonfinite_skips, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                  # what the run trains from (base model, stage artifacts): align compares it before resuming
+                  "run_info": self.run_info}
         if self.contrast:
             record.update(contrast_order=self.contrast_order, contrast_sha256=sha256_texts(self.contrast))
         return record
@@ -547,7 +584,11 @@ class Trainer:
         student = self.accelerator.unwrap_model(self.model)
         weights = parallel.trainable_state(student)
         optimizer = parallel.optimizer_state(student, self.optimizer)
-        if self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process:
+            # write_checkpoint refuses non-finite weights on the main process; the others check the same full
+            # weights, so that all of them stop together instead of waiting for it.
+            require_finite(weights, f"the checkpoint of step {self.step}")
+        else:
             write_checkpoint(self.out, weights, optimizer, self.scheduler.state_dict(), self._state_record())
         self.accelerator.wait_for_everyone()
         return self.checkpoint_dir
@@ -575,6 +616,8 @@ class Trainer:
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         self.step, self.order = int(state["step"]), list(state["order"])
         self.contrast_order = list(state.get("contrast_order", self.contrast_order))
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))  # absent in checkpoints from before the count
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         if main:
             drop_metrics_after(self.out, self.step)
 
@@ -641,16 +684,28 @@ class Trainer:
         if self.config.finetune == "lora" and self.config.merge and not self.merged:
             model = model.merge_and_unload()
             self.model, self.merged = model, True
+        # Every process holding the weights checks them (with sharded weights only the main one holds them all).
+        require_finite(state_dict if state_dict is not None else model.state_dict(), f"the model to {target}")
         if self.accelerator.is_main_process:
+            for stale in self.out.glob(".model.*"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = temp_dir_in(self.out, ".model.")
             try:
                 model.eval()
                 model.save_pretrained(tmp, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
                 write_json_atomic(tmp / "safesteer.json", self.run_record())
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
+                phase("model-files")
+                old = self.out / ".model.old"
+                if target.exists():  # moved aside in one rename: a kill never leaves a half-deleted OUT/model
+                    os.replace(target, old)
+                    phase("model-swap")  # no OUT/model now: a rerun saves it again from the final checkpoint
+                replace_dir(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            except Exception as exc:
+                if is_disk_full(exc, self.out):  # the partial files (removed below) still fill the disk
+                    raise disk_full_error("the trained model", self.out) from exc
+                raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
