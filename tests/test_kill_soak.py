@@ -307,3 +307,37 @@ def test_kill_soak(tmp_path, soak_model):
     paused = ["direction-write", "tokens", "rollout", "optimizer-step", "checkpoint-files", "checkpoint-swap",
               "model-files"]
     soak(tmp_path, soak_model, paused, timed=["direction"], random_timed=2, on_answer=True, seed=12)
+
+
+def test_ctrl_c_in_each_stage_is_one_line_and_the_same_command_finishes(tmp_path, soak_model):
+    """Ctrl-C (SIGINT) in stage 1, stage 2, a rollout, the optimizer step, a checkpoint write and the summary:
+    each time exit 130, one line on stderr, no traceback; the same command then resumes, and finally finishes."""
+    out = tmp_path / "run"
+    cmd = align_command(soak_model, out)
+    base_env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                "SAFESTEER_ANSWER_CACHE": str(tmp_path / "answers")}
+    for i, point in enumerate(("direction", "tokens", "rollout:2", "optimizer-step:3", "checkpoint-files:4",
+                               "summary")):
+        phases = tmp_path / f"{i}.phases"
+        env = {**base_env, "SAFESTEER_PHASE_FILE": str(phases), "SAFESTEER_PAUSE_AT": point}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        deadline = time.monotonic() + 300
+        while not (phases.exists() and f"paused {point}" in phases.read_text().splitlines()):
+            assert proc.poll() is None and time.monotonic() < deadline, f"never reached {point}: {proc.communicate()}"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        lines = [ln for ln in stderr.splitlines() if ln.strip() and "Loading weights" not in ln
+                 and "it/s]" not in ln and "FutureWarning" not in ln and "warnings.warn" not in ln]
+        assert proc.returncode == 130, (point, stderr[-2000:])
+        assert "Traceback" not in stderr + stdout, point
+        assert lines[-1:] == ["safesteer align: interrupted; rerun the same command to resume"], (point, lines)
+        leftovers = [p.name for p in out.glob(".*") if p.name not in (".safesteer-run", ".checkpoint.old")]
+        assert not [n for n in leftovers if n.startswith((".model.", ".checkpoint."))], (point, leftovers)
+    env = {**base_env}
+    env.pop("SAFESTEER_PAUSE_AT", None)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "model" / "safesteer.json").is_file() and (out / "eval" / "results.json").is_file()
+    assert len([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]) == STEPS

@@ -373,7 +373,7 @@ def test_lm_eval_bridge_names_the_missing_package(tmp_path, capsys):
 def test_default_builtin_suite_on_smollm2(tmp_path):
     out = tmp_path / "eval"
     argv = ["eval", "--model", "smollm2-135m-instruct", "--model", "smollm2-135m-instruct", "--label", "base",
-            "--label", "reloaded", "--out", str(out), "--n-harmful", "8", "--n-edgy", "8", "--n-mmlu", "57",
+            "--label", "reloaded", "--out", str(out), "--n-harmful", "8", "--n-edgy", "8", "--n-harmless", "8", "--n-mmlu", "57",
             "--n-gsm8k", "2", "--n-drift", "4", "--no-progress"]
     assert cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())

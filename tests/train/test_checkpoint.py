@@ -115,7 +115,9 @@ def test_a_crash_between_the_two_renames_resumes_from_the_old_checkpoint(tmp_pat
             trainer().train()
     assert not (out / "checkpoint").exists()
     assert json.loads((out / ".checkpoint.old" / "state.json").read_text())["step"] == 1
-    assert len(list(out.glob(".checkpoint.?*"))) == 2  # .checkpoint.old and the finished step-2 folder, not swapped in
+    # An exception (a Ctrl-C) removes the finished step-2 folder it did not swap in; a kill -9 leaves it, and the
+    # next run tidies it away (tests/test_kill_soak.py).
+    assert [p.name for p in out.glob(".checkpoint.?*")] == [".checkpoint.old"]
 
     resumed = trainer()
     assert resumed.step == 1  # from .checkpoint.old: only the step in flight is lost

@@ -401,7 +401,7 @@ def format_markdown(data: dict) -> str:
     lines += ["", "## Points", ""]
     for p in data["points"]:
         reused = p.get("reused_answers") or {}
-        taken = f"; {reused['rows']} answers and scores taken from {reused['from']}" if reused.get("rows") else ""
+        taken = f"; {reused['rows']} earlier answers and scores copied from {reused['from']} (used only where prompt and settings match)" if reused.get("rows") else ""
         lines.append(f"- {p['name']}: {p['what']}, {p['source']} (answers in {p['folder']}/){taken}")
     return "\n".join(lines) + "\n"
 

@@ -60,7 +60,7 @@ def compare_context(data: dict) -> dict:
                          ("drift reference", data.get("drift_reference")), ("benign prompts for drift", cfg.get("n_drift"))])
     sets = table(("set", "prompts", "source"), ((key, info.get("n_prompts"), info.get("source"))
                                                  for key, info in (data.get("sets") or {}).items()))
-    where = table(("point", "what", "from", "answers in", "taken from an earlier evaluation"),
+    where = table(("point", "what", "from", "answers in", "earlier rows copied (used where prompt and settings match)"),
                   ((p["name"], p["what"], p.get("source") or "", f"{p.get('folder')}/",
                     f"{p['reused_answers']['rows']} rows from {p['reused_answers']['from']}"
                     if p.get("reused_answers") and p["reused_answers"].get("rows") else "–") for p in points))

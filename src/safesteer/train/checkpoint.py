@@ -89,18 +89,22 @@ def write_checkpoint(out: Path, weights: dict, optimizer: dict | None, scheduler
         if full:
             raise disk_full_error(f"the checkpoint of step {step}", out) from exc
         raise
-    phase(f"checkpoint-files:{step}")
     target, old = out / CHECKPOINT_NAME, out / _OLD_NAME
-    if (target / "state.json").is_file():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)  # aside, whole, until the new one is in place
-        phase(f"checkpoint-swap:{step}")
-    elif target.exists():
-        shutil.rmtree(target)  # not a finished checkpoint (no state.json): nothing to keep
-    # No finished OUT/checkpoint but a .checkpoint.old (a crash between the two renames, resumed from there):
-    # it stays until the new checkpoint is in place, so there is never a moment without a whole checkpoint.
-    os.replace(tmp, target)
+    try:
+        phase(f"checkpoint-files:{step}")
+        if (target / "state.json").is_file():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)  # aside, whole, until the new one is in place
+            phase(f"checkpoint-swap:{step}")
+        elif target.exists():
+            shutil.rmtree(target)  # not a finished checkpoint (no state.json): nothing to keep
+        # No finished OUT/checkpoint but a .checkpoint.old (a crash between the two renames, resumed from there):
+        # it stays until the new checkpoint is in place, so there is never a moment without a whole checkpoint.
+        os.replace(tmp, target)
+    except BaseException:  # e.g. Ctrl-C before the new checkpoint is in place: the rerun resumes from the old
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_path(out)
     shutil.rmtree(old, ignore_errors=True)
     return target
