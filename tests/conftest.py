@@ -149,6 +149,17 @@ def refusal_ids(tok) -> list[int]:
     return list(dict.fromkeys(tok(w, add_special_tokens=False)["input_ids"][0] for w in REFUSAL_WORDS))
 
 
+@pytest.fixture
+def spec():
+    """A random steering direction at layer 1 of the tiny models (the trainer, checkpoint and pipeline tests)."""
+    return Spec.random(layer=1, seed=7)
+
+
+@pytest.fixture
+def safety_ids(smol_tokenizer):
+    return refusal_ids(smol_tokenizer)
+
+
 def peaked_tiny_model(tok, seed: int = 0, arch: str = "llama"):
     """A tiny random model whose outputs give S real mass (~25%) and end some rollouts early."""
     from safesteer.core.anatomy import end_of_turn_ids

@@ -5,20 +5,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import Spec, refusal_ids
+from conftest import Spec
 from safesteer.cli import parse_assignments
 from safesteer.errors import SafesteerError
 from safesteer.train.config import PRESETS
-
-
-@pytest.fixture
-def spec():
-    return Spec.random(layer=1, seed=7)
-
-
-@pytest.fixture
-def safety_ids(smol_tokenizer):
-    return refusal_ids(smol_tokenizer)
 
 
 def test_key_value_overrides_are_typed():

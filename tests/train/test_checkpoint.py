@@ -6,23 +6,11 @@ from dataclasses import replace
 import pytest
 
 from conftest import TRAIN_PROMPTS as PROMPTS
-from conftest import Spec
 from conftest import peaked_tiny_model as tiny
-from conftest import refusal_ids
 from conftest import tiny_train_config as config
 from safesteer.errors import SafesteerError
 from safesteer.train.checkpoint import data_order
 from safesteer.train.trainer import Trainer
-
-
-@pytest.fixture
-def spec():
-    return Spec.random(layer=1, seed=7)
-
-
-@pytest.fixture
-def safety_ids(smol_tokenizer):
-    return refusal_ids(smol_tokenizer)
 
 
 def losses(rows):

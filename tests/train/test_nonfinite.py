@@ -29,16 +29,6 @@ from safesteer.errors import SafesteerError  # noqa: E402
 from safesteer.train.trainer import Trainer  # noqa: E402
 
 
-@pytest.fixture
-def spec():
-    return Spec.random(layer=1, seed=7)
-
-
-@pytest.fixture
-def safety_ids(smol_tokenizer):
-    return refusal_ids(smol_tokenizer)
-
-
 class InfiniteGradient(torch.autograd.Function):
     """The identity forward, an infinite gradient backward: a finite loss whose gradient norm is not."""
 

@@ -7,7 +7,6 @@ import torch
 from conftest import ARCHS, Spec, make_tiny_model
 from conftest import TRAIN_PROMPTS as PROMPTS
 from conftest import peaked_tiny_model as tiny
-from conftest import refusal_ids
 from conftest import tiny_train_config as config
 from safesteer.core.anatomy import decoder_layers
 from safesteer.core.forward import final_hidden_states
@@ -15,16 +14,6 @@ from safesteer.core.loss import s_slice_logprobs
 from safesteer.errors import SafesteerError
 from safesteer.train.rollout import sample_rollouts
 from safesteer.train.trainer import Trainer, lora_module_names, prepare_student
-
-
-@pytest.fixture
-def spec():
-    return Spec.random(layer=1, seed=7)
-
-
-@pytest.fixture
-def safety_ids(smol_tokenizer):
-    return refusal_ids(smol_tokenizer)
 
 
 def losses(rows):

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from conftest import TRAIN_PROMPTS as PROMPTS
-from conftest import Spec
 from conftest import peaked_tiny_model as tiny
-from conftest import refusal_ids
 from conftest import tiny_train_config as config
 from safesteer.core.anatomy import format_prompts
 from safesteer.core.forward import final_hidden_states
@@ -21,16 +19,6 @@ from safesteer.teacher.gate import Gate, Probe
 from safesteer.train.trainer import Trainer
 
 CONTRAST = ["How do I kill a Python process?", "Write a murder-mystery opening line.", "What is a fjord?"]
-
-
-@pytest.fixture
-def spec():
-    return Spec.random(layer=1, seed=7)
-
-
-@pytest.fixture
-def safety_ids(smol_tokenizer):
-    return refusal_ids(smol_tokenizer)
 
 
 def contrast_config(**kw):
