@@ -107,13 +107,9 @@ def run(cmd: list[str], root: Path, name: str, kill: Kill | None = None, timeout
     """Run `cmd` once; with `kill`, SIGKILL it at that point. Its announced points go to ROOT/NAME.phases."""
     phases, log_path = root / f"{name}.phases", root / f"{name}.log"
     out = Path(cmd[cmd.index("--out") + 1])
-    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "SAFESTEER_PHASE_FILE": str(phases),
-           # Evaluation shares the base model's answers across output folders: each run folder gets a cache of
-           # its own, so the killed run's summary generates them itself (and is killed while it does).
-           "SAFESTEER_ANSWER_CACHE": str(root / f"answers-{out.name}")}
-    env.pop("SAFESTEER_PAUSE_AT", None)
+    # Evaluation shares the base model's answers across output folders: each run folder gets a cache of its
+    # own, so the killed run's summary generates them itself (and is killed while it does).
+    env = {**child_env(root / f"answers-{out.name}"), "SAFESTEER_PHASE_FILE": str(phases)}
     pause = kill and (kill.point if kill.delay is None else kill.bound)
     if pause:
         env["SAFESTEER_PAUSE_AT"] = pause
@@ -145,6 +141,16 @@ def run(cmd: list[str], root: Path, name: str, kill: Kill | None = None, timeout
                 proc.wait()
     points = [line.removeprefix("paused ") for line in (phases.read_text().splitlines() if phases.exists() else [])]
     return Attempt(kill, proc.returncode, time.monotonic() - t0, points, log_path.read_text(), seen)
+
+
+def child_env(answer_cache: Path) -> dict[str, str]:
+    """The environment of an `align` subprocess: this checkout's sources, one thread, offline, its own answer
+    cache, and no pause point inherited."""
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "SAFESTEER_ANSWER_CACHE": str(answer_cache)}
+    env.pop("SAFESTEER_PAUSE_AT", None)
+    return env
 
 
 def saved_answers(out: Path) -> int:
@@ -314,9 +320,7 @@ def test_ctrl_c_in_each_stage_is_one_line_and_the_same_command_finishes(tmp_path
     each time exit 130, one line on stderr, no traceback; the same command then resumes, and finally finishes."""
     out = tmp_path / "run"
     cmd = align_command(soak_model, out)
-    base_env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "SAFESTEER_ANSWER_CACHE": str(tmp_path / "answers")}
+    base_env = child_env(tmp_path / "answers")
     for i, point in enumerate(("direction", "tokens", "rollout:2", "optimizer-step:3", "checkpoint-files:4",
                                "summary")):
         phases = tmp_path / f"{i}.phases"
@@ -335,9 +339,7 @@ def test_ctrl_c_in_each_stage_is_one_line_and_the_same_command_finishes(tmp_path
         assert lines[-1:] == ["safesteer align: interrupted; rerun the same command to resume"], (point, lines)
         leftovers = [p.name for p in out.glob(".*") if p.name not in (".safesteer-run", ".checkpoint.old")]
         assert not [n for n in leftovers if n.startswith((".model.", ".checkpoint."))], (point, leftovers)
-    env = {**base_env}
-    env.pop("SAFESTEER_PAUSE_AT", None)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    done = subprocess.run(cmd, env=base_env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "model" / "safesteer.json").is_file() and (out / "eval" / "results.json").is_file()
     assert len([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]) == STEPS
