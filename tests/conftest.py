@@ -183,3 +183,15 @@ def tiny_train_config(**kw):
     base = dict(steps=2, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=6, lora_r=4, lora_alpha=8,
                 learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0, generation_dtype="float32")
     return TrainConfig(**(base | kw))
+
+
+# Stage settings under which `align` runs whole on a tiny random model in seconds (such a model never refuses,
+# so the stage-1 filters are opened, and spreads its probability thin, so the token floor is off;
+# tests/test_kill_soak.py uses the same). TINY_ALIGN adds the cpu preset.
+TINY_STAGES = ["--prompts-per-step", "1", "--rollouts-per-prompt", "2",
+               "--max-new-tokens", "4", "--lora-r", "4", "--generation-dtype", "float32", "--skip-eval",
+               *[a for kv in ("n_train=8", "n_val=4", "batch_size=8", "filter_prompts=false", "max_layer_frac=1.0",
+                              "kl_threshold=1e9") for a in ("--direction-config", kv)],
+               *[a for kv in ("n_prompts=4", "samples_per_prompt=2", "horizon=3", "top_k_per_position=20",
+                              "n_tokens=10", "min_steered_prob=0") for a in ("--tokens-config", kv)]]
+TINY_ALIGN = ["--device", "cpu", "--preset", "cpu", *TINY_STAGES]

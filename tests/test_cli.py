@@ -10,8 +10,8 @@ from safesteer.cli import build_parser, config_option, config_values, resolve_pr
 from safesteer.errors import SafesteerError
 from safesteer.eval.suites import EvalConfig
 from safesteer.teacher.direction import DirectionConfig
-from safesteer.teacher.tokens import SafetyTokenConfig
-from safesteer.train.config import default_preset
+from safesteer.teacher.tokens import TOKEN_PRESETS, SafetyTokenConfig
+from safesteer.train.config import default_preset, stage_preset
 
 
 def test_values_are_read_by_their_field_types():
@@ -46,6 +46,15 @@ def test_tokens_direction_and_align_resolve_the_same_presets():
     assert (config.min_steered_prob, config.top_k_per_position, config.n_tokens) == (None, 200, 20)
     for command in ("tokens", "direction", "align"):
         assert resolve_preset(parser.parse_args([command, "--out", "x"]).preset) == default_preset()
+    # The stage commands' `auto` is the stage preset of align's default (cpu-gated trains on cpu's stages), and a
+    # default run's stage settings are those of `--preset cpu`.
+    for command in ("tokens", "direction"):
+        auto = resolve_preset(parser.parse_args([command, "--out", "x"]).preset, stage=True)
+        assert auto == stage_preset(default_preset()) and auto in ("paper", "cpu")
+    auto_align = parser.parse_args(["align", "--out", "x"])
+    auto_align.preset = resolve_preset(auto_align.preset)
+    assert SafetyTokenConfig.from_preset(pipeline._stage(auto_align.preset, TOKEN_PRESETS)) == \
+        SafetyTokenConfig.from_preset(stage_preset(default_preset()))
 
 
 def test_align_takes_stage_settings_as_options_and_as_key_value():

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_tiny_model
+from conftest import TINY_ALIGN, make_tiny_model
 from safesteer import cli
 from safesteer.errors import SafesteerError
 from safesteer.io.prompts import MAX_PROMPT_CHARS, load_prompts
@@ -278,17 +278,6 @@ def test_safety_tokens_with_ids_beyond_the_vocabulary_are_selected_again(tmp_pat
 
 
 # ----------------------------------------------------------------------------- a full disk
-
-# Stage settings under which `align` runs whole on a tiny random model in seconds (such a model never refuses,
-# so the stage-1 filters are opened, and spreads its probability thin, so the token floor is off;
-# tests/test_kill_soak.py uses the same).
-TINY_ALIGN = ["--device", "cpu", "--preset", "cpu", "--prompts-per-step", "1", "--rollouts-per-prompt", "2",
-              "--max-new-tokens", "4", "--lora-r", "4", "--generation-dtype", "float32", "--skip-eval",
-              *[a for kv in ("n_train=8", "n_val=4", "batch_size=8", "filter_prompts=false", "max_layer_frac=1.0",
-                             "kl_threshold=1e9") for a in ("--direction-config", kv)],
-              *[a for kv in ("n_prompts=4", "samples_per_prompt=2", "horizon=3", "top_k_per_position=20",
-                             "n_tokens=10", "min_steered_prob=0") for a in ("--tokens-config", kv)]]
-
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, tiny_model_dir, capsys, monkeypatch):
     import errno

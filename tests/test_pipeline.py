@@ -282,3 +282,32 @@ def test_stage_settings_that_differ_from_the_stored_stages_are_named_not_reused(
     assert cli.main([*argv, "--tokens.n-tokens", "3"]) == 0
     stages = json.loads((out / "timings.json").read_text())["stages"]
     assert stages["direction"]["reused"] and stages["tokens"]["reused"] and stages["training"]["reused"]
+
+
+def test_the_default_cpu_run_fits_its_gate_and_trains_with_contrast_prompts(tmp_path, tiny_model_dir, capsys):
+    """`safesteer align` with no --preset on a CPU is cpu-gated: stages 1-2 of the cpu preset, a gate fitted
+    into OUT, and training with the gated teacher on harmful rows and -0.15 r on the built-in contrast set."""
+    from conftest import TINY_STAGES
+    from safesteer import cli
+    from safesteer.teacher.direction import DirectionConfig
+
+    out = tmp_path / "run"
+    assert cli.main(["align", "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--steps", "2",
+                     "--learning-rate", "1e-2", *TINY_STAGES]) == 0
+    printed = capsys.readouterr().out
+    assert "preset cpu-gated:" in printed and "[gate] no gate in" in printed
+    direction = json.loads((out / "direction.json").read_text())
+    assert direction["config"]["induce_fraction"] == DirectionConfig.from_preset("cpu").induce_fraction
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["layer"] <= direction["layer"]
+    record = json.loads((out / "model" / "safesteer.json").read_text())
+    assert record["config"]["preset"] == "cpu-gated" and record["config"]["gate"] == "on"
+    assert record["config"]["contrast_coeff"] == -0.15 and record["gate"]["layer"] == gate["layer"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["teacher_gate_mean"] <= 1.0 and "contrast_loss" in r for r in rows)
+    # The same command reuses everything, the gate included.
+    assert cli.main(["align", "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--steps", "2",
+                     "--learning-rate", "1e-2", *TINY_STAGES]) == 0
+    assert "[gate] no gate in" not in capsys.readouterr().out
+    assert json.loads((out / "timings.json").read_text())["stages"]["training"]["reused"] is True

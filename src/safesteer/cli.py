@@ -49,17 +49,20 @@ def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int]
         add_prompt_args(p, prompts)
     if presets is not None:
         p.add_argument("--preset", choices=("auto", *presets), default="auto",
-                       help="auto: paper on a CUDA device, cpu otherwise; the options below override the preset's "
+                       help="auto: paper on a CUDA device, cpu-gated otherwise (its stages: cpu's); the options below "
+                            "override the preset's "
                             "values (shown in their help where the presets differ)")
     p.set_defaults(func=func)
     return p
 
 
-def resolve_preset(choice: str) -> str:
-    """The preset name for --preset CHOICE: `auto` is paper with CUDA and cpu without, the same for every stage."""
-    from .train.config import default_preset
+def resolve_preset(choice: str, stage: bool = False) -> str:
+    """The preset name for --preset CHOICE: `auto` is paper with CUDA and cpu-gated without. `stage`: the
+    direction / token preset that goes with it (cpu-gated trains on cpu's stages), so every stage agrees."""
+    from .train.config import default_preset, stage_preset
 
-    return default_preset() if choice == "auto" else choice
+    name = default_preset() if choice == "auto" else choice
+    return stage_preset(name) if stage else name
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = None, *, repeatable: bool = False) -> None:

@@ -14,7 +14,7 @@ def test_presets_and_overrides():
     assert cpu.steps == 3 and cpu.finetune == "lora"
     assert cpu.loss == "localized_bucket" and cpu.lora_layers == "from_steering"  # None overrides nothing
     assert paper.lora_layers == "all"
-    assert set(PRESETS) == {"paper", "cpu", "cpu-contrast"}
+    assert set(PRESETS) == {"paper", "cpu", "cpu-contrast", "cpu-gated"}
     with pytest.raises(SafesteerError, match="unknown loss"):
         TrainConfig(loss="kl")
     with pytest.raises(SafesteerError, match="unknown preset"):
@@ -45,6 +45,12 @@ def test_beyond_paper_settings_are_off_in_paper_and_cpu_and_on_in_cpu_contrast()
     assert same == {k: v for k, v in vars(cpu).items() if k in same}  # otherwise the cpu preset
     assert c.beyond_paper and "beyond the paper" in PRESET_HELP["cpu-contrast"]
     assert stage_preset("cpu-contrast") == "cpu" and stage_preset("paper") == "paper"
+    # The CPU default: cpu-contrast plus the gated teacher and a contrast teacher with r partly subtracted.
+    g = TrainConfig.from_preset("cpu-gated")
+    assert (g.gate, g.contrast_coeff, g.learning_rate) == ("on", -0.15, 2e-4) and stage_preset("cpu-gated") == "cpu"
+    assert {k: v for k, v in vars(g).items() if k not in ("gate", "contrast_coeff", "learning_rate", "preset")} == \
+        {k: v for k, v in vars(c).items() if k not in ("gate", "contrast_coeff", "learning_rate", "preset")}
+    assert g.beyond_paper == ["contrast prompts (builtin)", "opening-position loss weight", "gated teacher"]
     assert set(PRESET_HELP) == set(PRESETS)
     with pytest.raises(SafesteerError, match="give both"):
         TrainConfig(contrast="builtin")

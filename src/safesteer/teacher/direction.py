@@ -1019,7 +1019,7 @@ def _cmd_direction(args: argparse.Namespace) -> int:
     from ..io.run_dir import check_out_dir, claim_out_dir
     from ..utils import seed_everything
 
-    preset = resolve_preset(args.preset)
+    preset = resolve_preset(args.preset, stage=True)
     config = DirectionConfig.from_preset(preset, **config_values(args, DirectionConfig))
     print(f"direction preset {preset}" + (f" (induce filter at {config.induce_fraction:g} of the baseline gap)"
                                           if config.induce_fraction is not None else ""))

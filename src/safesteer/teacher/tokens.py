@@ -713,7 +713,7 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
     from ..io.run_dir import check_out_dir, claim_out_dir
     from .direction import load_direction
 
-    preset = resolve_preset(args.preset)
+    preset = resolve_preset(args.preset, stage=True)
     config = SafetyTokenConfig.from_preset(preset, **config_values(args, SafetyTokenConfig))
     direction_dir = Path(args.direction or args.out)
     spec = load_direction(direction_dir)  # fail before loading the model

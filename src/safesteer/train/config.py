@@ -170,8 +170,14 @@ PRESETS["cpu-contrast"] = {**PRESETS["cpu"], "contrast": "builtin", "contrast_pr
                            "contrast_weight": 4.0, "contrast_coeff": 0.0, "contrast_greedy": True,
                            "opening_tokens": 4, "opening_weight": 4.0}
 
+# Beyond the paper, the CPU default: cpu-contrast with the gated teacher on the harmful rows and a contrast teacher
+# with r partly subtracted (-0.15 r), at a higher learning rate. Chosen on the tune part of the evaluation sets
+# (README, "What it does on the default model"): the only setting tried whose harmful refusal matches the cpu
+# preset's while its edgy over-refusal stays at or below the base's.
+PRESETS["cpu-gated"] = {**PRESETS["cpu-contrast"], "gate": "on", "contrast_coeff": -0.15, "learning_rate": 2e-4}
+
 # A training preset built on another one runs that preset's direction and token stages.
-STAGE_PRESETS = {"cpu-contrast": "cpu"}
+STAGE_PRESETS = {"cpu-contrast": "cpu", "cpu-gated": "cpu"}
 
 
 def stage_preset(name: str) -> str:
@@ -185,8 +191,10 @@ PRESET_HELP = {
     "cpu": "a LoRA run that fits 2 CPU cores (12 steps x 2 prompts x 4 rollouts of 48 tokens)",
     "cpu-contrast": "beyond the paper: cpu plus contrast prompts (unsteered teacher, weight 4, one greedy rollout) and "
                     "4x loss weight on the first 4 completion positions, against learned over-refusal",
+    "cpu-gated": "beyond the paper, the CPU default: cpu-contrast plus the gated teacher on harmful prompts and a "
+                 "contrast teacher with -0.15 r, lr 2e-4: safer without more over-refusal",
 }
 
 
 def default_preset() -> str:
-    return "paper" if torch.cuda.is_available() else "cpu"
+    return "paper" if torch.cuda.is_available() else "cpu-gated"
