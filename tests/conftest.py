@@ -195,3 +195,12 @@ TINY_STAGES = ["--prompts-per-step", "1", "--rollouts-per-prompt", "2",
                *[a for kv in ("n_prompts=4", "samples_per_prompt=2", "horizon=3", "top_k_per_position=20",
                               "n_tokens=10", "min_steered_prob=0") for a in ("--tokens-config", kv)]]
 TINY_ALIGN = ["--device", "cpu", "--preset", "cpu", *TINY_STAGES]
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child that must see Ctrl-C: a shell starts background jobs (`cmd &`, nohup) with SIGINT
+    ignored, the child inherits that and Python then never raises KeyboardInterrupt; the tests that send
+    SIGINT would fail for the way the suite was launched, not for the code."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

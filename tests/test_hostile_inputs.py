@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY_ALIGN, make_tiny_model
+from conftest import TINY_ALIGN, default_sigint, make_tiny_model
 from safesteer import cli
 from safesteer.errors import SafesteerError
 from safesteer.io.prompts import MAX_PROMPT_CHARS, load_prompts
@@ -35,7 +35,8 @@ def run_cli(args: list[str], cwd: Path, code: str | None = None) -> subprocess.C
     """`python -m safesteer.cli ARGS` (or `python -c CODE`) as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "safesteer.cli", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=default_sigint)
 
 
 PROGRESS_BAR = re.compile(r"\|.*\| *\d+/\d+ \[")  # transformers' "Loading weights" bar of a model that did load

@@ -43,6 +43,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import default_sigint
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 STEPS = 6
 
@@ -325,7 +327,8 @@ def test_ctrl_c_in_each_stage_is_one_line_and_the_same_command_finishes(tmp_path
                                "summary")):
         phases = tmp_path / f"{i}.phases"
         env = {**base_env, "SAFESTEER_PHASE_FILE": str(phases), "SAFESTEER_PAUSE_AT": point}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                preexec_fn=default_sigint)
         deadline = time.monotonic() + 300
         while not (phases.exists() and f"paused {point}" in phases.read_text().splitlines()):
             assert proc.poll() is None and time.monotonic() < deadline, f"never reached {point}: {proc.communicate()}"
