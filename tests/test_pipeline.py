@@ -300,6 +300,9 @@ def test_the_default_cpu_run_fits_its_gate_and_trains_with_contrast_prompts(tmp_
     assert direction["config"]["induce_fraction"] == DirectionConfig.from_preset("cpu").induce_fraction
     gate = json.loads((out / "gate.json").read_text())
     assert gate["layer"] <= direction["layer"]
+    # Training skips the held-out measurements (`safesteer gate` makes them): only the fitting sets were read.
+    assert set(gate["prompt_counts"]) == {"harmful_fit", "benign_fit", "harmful_val", "benign_val"}
+    assert "vs_edgy_report" not in gate["chosen"] and "edgy_report" not in gate["mean_gate"]
     record = json.loads((out / "model" / "safesteer.json").read_text())
     assert record["config"]["preset"] == "cpu-gated" and record["config"]["gate"] == "on"
     assert record["config"]["contrast_coeff"] == -0.15 and record["gate"]["layer"] == gate["layer"]

@@ -311,9 +311,11 @@ class Trainer:
             return gate
         if parallel.world_size() > 1:
             raise SafesteerError(f"gate=on needs {self.out / GATE_META}; run `safesteer gate --out {self.out}` first")
-        print(f"[gate] no gate in {self.out}: fitting one (`safesteer gate` does this stage alone)")
+        print(f"[gate] no gate in {self.out}: fitting one (`safesteer gate` does this stage alone, and also measures "
+              f"its separation on evaluation-only prompts)")
+        # The held-out measurements change nothing in the gate and are half of the forwards: training skips them.
         return run_gate_stage(model, tokenizer, self.run_info.get("base_model", {}), self.out, self.spec,
-                              GateConfig(seed=split_seed), progress=self.progress)
+                              GateConfig(seed=split_seed, evaluate=False), progress=self.progress)
 
     # -- one step ------------------------------------------------------------------------------
 
