@@ -1,5 +1,7 @@
 import os
+import platform
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,21 @@ def test_a_failed_write_on_a_disk_with_no_space_left_counts_as_disk_full(tmp_pat
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 4096))
     assert is_disk_full(torch_error, tmp_path) and not is_disk_full(torch_error)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_release_freed_memory_hands_free_heap_pages_back():
+    from safesteer.utils import release_freed_memory
+
+    def rss_pages() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1])
+
+    # 64 KiB blocks sit below glibc's mmap threshold, so freeing them leaves free pages inside the heap.
+    blocks = [bytearray(64 << 10) for _ in range(4000)]  # ~256 MiB, touched (bytearray zero-fills)
+    held = rss_pages()
+    del blocks[:-1]  # keep the last block: the heap top stays in use, so only an in-heap trim can shrink it
+    before = rss_pages()
+    assert release_freed_memory() is True
+    after = rss_pages()
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert (before - after) * page > 128 << 20, (held, before, after)

@@ -33,7 +33,7 @@ from .core.loss import LOSS_VARIANTS
 from .errors import SafesteerError
 from .io.run_dir import changed_settings, check_out_dir, claim_out_dir, remove_run_files, summarize_changes
 from .train.config import FINETUNE_MODES, PAPER_LR, PRESETS, TrainConfig, stage_preset
-from .utils import phase, read_json, sha256_file, sha256_texts, write_json_atomic
+from .utils import phase, read_json, release_freed_memory, sha256_file, sha256_texts, write_json_atomic
 
 STAGES = ("direction", "tokens", "training", "summary")
 # What each stage leaves in OUT: --restart STAGE removes these for STAGE and every later stage.
@@ -300,8 +300,6 @@ def _cmd_align(args: argparse.Namespace) -> int:
     unsteered teacher and extra weight on the opening positions, against learned over-refusal); every
     setting below overrides the preset.
     """
-    import gc
-
     from .cli import load_model_from_args, resolve_preset
     from .io.models import model_family
     from .io.prompts import load_prompts, stage_prompts
@@ -324,6 +322,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             return fn(*a)
         finally:  # a failed stage is recorded too, with the time it took to fail
             stages[name] = {"seconds": round(time.time() - t0, 2)}
+            release_freed_memory()  # the next stage's peak should not sit on this one's leftovers
 
     try:
         loaded = timed("load_model", load_model_from_args, args)
@@ -355,7 +354,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         else:
             stages["training"] = _train(args, model, tokenizer, info, spec, prompts, config, out)
         del model
-        gc.collect()
+        release_freed_memory()
         if not args.skip_eval:
             write_run_documents(out)  # the trained model's card and report stand even if the summary fails
             timed("summary", summarize, args, out)

@@ -109,6 +109,26 @@ def disk_full_error(what: str, where: str | os.PathLike) -> Exception:
                           f"same command to resume, or point --out at a folder on another disk")
 
 
+def release_freed_memory() -> bool:
+    """Collect garbage and hand the heap's free pages back to the OS (glibc `malloc_trim`).
+
+    One `align` process runs every stage; tensors freed by one stage otherwise stay in the process's heap
+    as fragmented free space, and the next stage's peak lands on top of them. Returns whether anything
+    could be trimmed (False off glibc, e.g. macOS or musl).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
+
+
 def phase(name: str) -> None:
     """Announce that the run reached `name` (e.g. "checkpoint-swap:3"), for the kill -9 soak test.
 

@@ -174,7 +174,9 @@ PRESETS["cpu-contrast"] = {**PRESETS["cpu"], "contrast": "builtin", "contrast_pr
 # with r partly subtracted (-0.15 r), at a higher learning rate. Chosen on the tune part of the evaluation sets
 # (README, "What it does on the default model"): the only setting tried whose harmful refusal matches the cpu
 # preset's while its edgy over-refusal stays at or below the base's.
-PRESETS["cpu-gated"] = {**PRESETS["cpu-contrast"], "gate": "on", "contrast_coeff": -0.15, "learning_rate": 2e-4}
+# Its steps score 16 rollouts, twice cpu's: 32 positions per loss chunk (same losses) keep its peak 0.3 GiB lower.
+PRESETS["cpu-gated"] = {**PRESETS["cpu-contrast"], "gate": "on", "contrast_coeff": -0.15, "learning_rate": 2e-4,
+                        "chunk_size": 32}
 
 # A training preset built on another one runs that preset's direction and token stages.
 STAGE_PRESETS = {"cpu-contrast": "cpu", "cpu-gated": "cpu"}
