@@ -110,17 +110,21 @@ def disk_full_error(what: str, where: str | os.PathLike) -> Exception:
 
 
 def release_freed_memory() -> bool:
-    """Collect garbage and hand the heap's free pages back to the OS (glibc `malloc_trim`).
+    """Collect garbage, empty the CUDA cache and hand the heap's free pages back to the OS (glibc `malloc_trim`).
 
-    One `align` process runs every stage; tensors freed by one stage otherwise stay in the process's heap
-    as fragmented free space, and the next stage's peak lands on top of them. Returns whether anything
-    could be trimmed (False off glibc, e.g. macOS or musl).
+    One `align` (or `compare`) process runs every stage (every model); tensors freed by one otherwise stay in
+    the process's heap as fragmented free space, and the next one's peak lands on top of them. Returns whether
+    anything could be trimmed (False off glibc, e.g. macOS or musl).
     """
     import ctypes
     import ctypes.util
     import gc
 
+    import torch
+
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         trim = libc.malloc_trim

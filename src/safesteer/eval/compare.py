@@ -27,7 +27,6 @@ and table in the run report's template) and results.json / results.md (every poi
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from dataclasses import dataclass, replace
@@ -35,7 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import SafesteerError
-from ..utils import append_jsonl, help_field, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from ..utils import (append_jsonl, help_field, read_json, read_jsonl, release_freed_memory, write_json_atomic,
+                     write_text_atomic)
 from .suites import EvalConfig, ModelEntry, evaluate_models, gated_entry, model_fingerprint, model_slug, steered_entry
 from .tables import format_drift, format_rate, format_report
 
@@ -238,17 +238,6 @@ def _evaluate_point(point: Point, base: ModelEntry, base_model: str, config: Eva
     return evaluate_models([base, entry], config, out, echo=echo), reused
 
 
-def _free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 def run_compare(base_model: str, points: Sequence[Point], config: EvalConfig, out: str | Path,
                 loader: Callable[[str], Any], reuse: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Evaluate `points` (from `plan_points`; the first is the base model) one at a time into OUT and write
@@ -269,7 +258,7 @@ def run_compare(base_model: str, points: Sequence[Point], config: EvalConfig, ou
     reused: dict[str, dict | None] = {}
     for point in points[1:]:
         results, reused[point.name] = _evaluate_point(point, base, base_model, config, out, loader, reuse, echo)
-        _free_memory()
+        release_freed_memory()  # one model at a time: the next loads into this one's freed memory
         if combined is None:
             combined = results
         else:  # the base's numbers are the same in every pair; the latest are kept
