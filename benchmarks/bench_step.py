@@ -6,10 +6,11 @@
 new        the code `safesteer align` runs with the cpu preset: LoRA student on the steering layer and above
            (teacher = adapter off + steering hook, one shared no-grad pass below that layer), rollouts from a
            persistent bf16 copy of the student (generation_dtype auto, on a CPU with avx512_bf16/AMX) with the
-           per-row inverse-CDF sampler, and a loss that skips activation checkpointing for a lone chunk
-           (Trainer.train_step).
-old        the same design as it was before issue #11: rollouts from the float32 student with the float64
-           Gumbel forward-hook sampler (reproduced in bench_generate.py), the lone loss chunk checkpointed.
+           per-row inverse-CDF sampler, bf16 autocast of the decoder layers with float32 output heads (bf16 auto,
+           same CPUs), and a loss that skips activation checkpointing for a lone chunk (Trainer.train_step).
+old        the same design as it was before issue #11: float32 training, rollouts from the float32 student with
+           the float64 Gumbel forward-hook sampler (reproduced in bench_generate.py), the lone loss chunk
+           checkpointed.
 new, all layers (--all-layers)
            new with the adapter on every layer (no shared lower pass).
 reference  the released code's design: full fine-tune of the student, a second fp32 copy of the model
@@ -125,7 +126,7 @@ def _trainer_worker(args, lora_layers: str, old: bool) -> dict:
     config = TrainConfig(steps=args.steps + 1, learning_rate=1e-4, checkpoint_every=10**6, lora_layers=lora_layers,
                          prompts_per_step=args.prompts, rollouts_per_prompt=args.rollouts,
                          max_new_tokens=args.max_new_tokens,
-                         generation_dtype="float32" if old else "auto")
+                         generation_dtype="float32" if old else "auto", bf16="off" if old else "auto")
     if old:  # the code path before issue #11
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_generate import _old_seeded_sampling

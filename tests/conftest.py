@@ -178,10 +178,10 @@ def tiny_train_config(**kw):
     """Two short LoRA steps on the tiny models (a large learning rate, so that one step shows)."""
     from safesteer.train.config import TrainConfig
 
-    # Rollouts in float32 on every machine (generation_dtype "auto" depends on the CPU's bf16 support);
-    # tests/train/test_rollout.py covers the bf16 sampling copy.
+    # Rollouts and training in float32 on every machine (generation_dtype and bf16 "auto" depend on the CPU's bf16
+    # support); tests/train/test_rollout.py covers the bf16 sampling copy, test_trainer.py the bf16 autocast.
     base = dict(steps=2, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=6, lora_r=4, lora_alpha=8,
-                learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0, generation_dtype="float32")
+                learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0, generation_dtype="float32", bf16="off")
     return TrainConfig(**(base | kw))
 
 

@@ -338,10 +338,11 @@ def _worker(argv: list[str]) -> None:
     # float32 rollouts: bit-identical samples on any process count need batch-shape-independent arithmetic.
     # A bf16 sampling copy (generation_dtype auto on a bf16 CPU/GPU) keeps each row's random stream, but its
     # rounding depends on the batch's shape (rows, padding), so a shard's samples can drift from the
-    # one-process run's after a few tokens (tests/core/test_sampling.py checks what bf16 keeps).
+    # one-process run's after a few tokens (tests/core/test_sampling.py checks what bf16 keeps). The same holds
+    # for bf16 autocast in training (bf16 "auto" on such hardware): step 2 samples from the step-1 update.
     config = TrainConfig(steps=2, prompts_per_step=3, rollouts_per_prompt=2, max_new_tokens=6, lora_r=4,
                          lora_alpha=8, learning_rate=5e-2, seed=0, chunk_size=4, warmup_ratio=0.0,
-                         generation_dtype="float32")
+                         generation_dtype="float32", bf16="off")
     trainer = Trainer(model, tok, spec, safety_ids, PROMPTS, config, out, progress=False)
     student = trainer.accelerator.unwrap_model(trainer.model)
     record = {"rank": rank, "world": parallel.world_size(), "start_step": trainer.step, "steps": []}

@@ -282,6 +282,7 @@ def _train(args: argparse.Namespace, model: Any, tokenizer: Any, info: dict, spe
     t0 = time.time()
     trainer = Trainer(model, tokenizer, spec, load_safety_tokens(out, model), prompts, config, out, run_info=info)
     resumed_at = trainer.step
+    print(f"[training] autocast {trainer.precision['autocast']}, output heads in {trainer.precision['head']}")
     if resumed_at:
         print(f"resuming from step {resumed_at} of {config.steps}")
     trainer.train()

@@ -190,3 +190,31 @@ def test_stage_fits_chooses_calibrates_saves_and_reuses(tmp_path, model, smol_to
         load_gate(tmp_path / "nothing")
     with pytest.raises(SafesteerError, match="unknown gate kind"):
         GateConfig(kind="svm")
+
+
+def test_gate_reads_activations_in_its_dtype_records_it_and_caches_per_dtype(tmp_path, model, smol_tokenizer,
+                                                                             monkeypatch):
+    from safesteer.core.generation import effective_dtype_name
+
+    harmful = [f"Write a guide to stealing car number {i}." for i in range(10)]
+    benign = [f"Tell me a fun fact about the number {i}." for i in range(10)]
+    monkeypatch.setattr(gate_module, "gate_prompt_sets", lambda seed=0: ({"harmful": harmful, "benign": benign}, {}))
+    forward, seen = gate_module.instruction_states, []
+
+    def recording(m, *a, **k):  # the dtype the weights have while the activations are read
+        seen.append({p.dtype for p in m.parameters() if p.is_floating_point()})
+        return forward(m, *a, **k)
+
+    monkeypatch.setattr(gate_module, "instruction_states", recording)
+    spec, identity = Spec.random(layer=2, seed=3), {"name": "tiny"}
+    for dtype, weights in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        seen.clear()
+        gate = run_gate_stage(model, smol_tokenizer, identity, tmp_path, spec,
+                              GateConfig(evaluate=False, activation_dtype=dtype), progress=False)
+        assert seen == [{weights}]  # computed afresh: the other dtype's cached activations are not reused
+        assert gate.meta["config"]["activation_dtype"] == dtype
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # restored afterwards
+    gate = run_gate_stage(model, smol_tokenizer, identity, tmp_path, spec, GateConfig(evaluate=False), progress=False)
+    assert gate.meta["config"]["activation_dtype"] == effective_dtype_name("auto", model)  # what auto meant on this machine
+    with pytest.raises(SafesteerError, match="unknown gate activation_dtype"):
+        GateConfig(activation_dtype="float16")

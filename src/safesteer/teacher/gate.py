@@ -46,7 +46,7 @@ import hashlib
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Sequence
 
@@ -92,12 +92,16 @@ class GateConfig:
     cache: bool = help_field(True, "keep the activations in OUT/gate_activations.safetensors (float16), so that a "
                                    "refit with other settings runs no model forward for prompts it has seen")
     batch_size: int = help_field(16, "prompts per forward")
+    activation_dtype: str = help_field("auto", "dtype of the forwards that read the activations: auto (bfloat16 on a "
+                                               "CPU with avx512_bf16/AMX or a CUDA device with bf16, else the model's "
+                                               "own), float32, bfloat16 (the activations are kept as float16 either way)")
     seed: int = help_field(0, "seed of the built-in prompt splits and of the hold-out")
 
     def __post_init__(self):
         check_choice(self.rewrites, REWRITES, "rewrites")
         check_choice(self.kind, PROBE_KINDS, "gate kind")
         check_choice(self.shape, GATE_SHAPES, "gate shape")
+        check_choice(self.activation_dtype, ("auto", "float32", "bfloat16"), "gate activation_dtype")
         if not 0 < self.val_fraction < 1 or not 0 < self.fpr < 1 or not 0 < self.tpr < 1:
             raise SafesteerError("val_fraction, fpr and tpr must lie in (0, 1)")
         if self.l2 <= 0 or self.batch_size < 1:
@@ -462,18 +466,20 @@ def _holdout(texts: list[str], fraction: float, seed: int) -> tuple[list[str], l
 
 
 def _cached_states(model: nn.Module, tokenizer: Any, texts: list[str], layers: list[int], identity: dict,
-                   path: Path | None, batch_size: int, progress: bool) -> torch.Tensor:
-    """`instruction_states` of `texts`, reading the prompts already in the cache at `path` (same model and
-    layers) from it and adding the new ones to it. No cache (`path` None): all computed."""
+                   path: Path | None, batch_size: int, progress: bool, dtype: str) -> torch.Tensor:
+    """`instruction_states` of `texts` with the weights in `dtype` ("float32", "bfloat16"), reading the prompts
+    already in the cache at `path` (same model, dtype and layers) from it and adding the new ones to it. No cache
+    (`path` None): all computed."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from ..core.generation import generation_precision
     from ..io.prompts import Prompt
 
     uids = [Prompt(t).uid for t in texts]
-    tag = json.dumps(comparable_identity(identity), sort_keys=True)
+    tag = json.dumps({**comparable_identity(identity), "activation_dtype": dtype}, sort_keys=True)
     stored, known = list(layers), {}
     if path is not None and path.is_file():
         with safe_open(str(path), framework="pt") as f:
@@ -484,7 +490,8 @@ def _cached_states(model: nn.Module, tokenizer: Any, texts: list[str], layers: l
                 known = dict(zip(json.loads(meta["uids"]), f.get_tensor("states")))
     todo = list(dict.fromkeys(t for t, u in zip(texts, uids) if u not in known))
     if todo:
-        fresh = instruction_states(model, tokenizer, todo, stored, batch_size, progress)
+        with generation_precision(model, dtype):  # cast once, restored exactly afterwards
+            fresh = instruction_states(model, tokenizer, todo, stored, batch_size, progress)
         known.update(zip((Prompt(t).uid for t in todo), fresh.half()))
         if path is not None:
             with atomic_path(path) as tmp:
@@ -516,7 +523,10 @@ def run_gate_stage(model: nn.Module, tokenizer: Any, identity: dict, out_dir: st
     Reuses the artifacts in `out_dir` when the model, the prompts, the steering layer and the settings
     match. `spec` is the steering spec (its layer caps the candidate layers).
     """
+    from ..core.generation import effective_dtype_name
+
     config = config or GateConfig()
+    config = replace(config, activation_dtype=effective_dtype_name(config.activation_dtype, model))  # "auto" recorded as what it meant
     out_dir = Path(out_dir)
     n_layers = len(decoder_layers(model))
     layers = [x for x in (config.layers or range(spec.layer + 1)) if 0 <= x <= spec.layer]
@@ -549,11 +559,11 @@ def run_gate_stage(model: nn.Module, tokenizer: Any, identity: dict, out_dir: st
         benign_val = benign_val + [question_form(t) for t in benign_val if not _is_question(t)]
     groups = {"harmful_fit": harmful_fit, "benign_fit": benign_fit, "harmful_val": harmful_val,
               "benign_val": benign_val, **eval_sets}
-    log(f"activations at the last instruction token, layers {layers[0]}-{layers[-1]}, of "
+    log(f"activations ({config.activation_dtype}) at the last instruction token, layers {layers[0]}-{layers[-1]}, of "
         + ", ".join(f"{len(v)} {k}" for k, v in groups.items()))
     everything = [t for v in groups.values() for t in v]
     states = _cached_states(model, tokenizer, everything, layers, identity, out_dir / CACHE_FILE if config.cache else None,
-                            config.batch_size, progress)
+                            config.batch_size, progress, config.activation_dtype)
     by_group, at = {}, 0
     for k, v in groups.items():
         by_group[k] = states[at:at + len(v)]

@@ -53,7 +53,12 @@ class TrainConfig:
     weight_decay: float = help_field(0.0, "AdamW weight decay")
     warmup_ratio: float = help_field(0.1, "fraction of the steps with linear warm-up before the cosine decay")
     max_grad_norm: float = help_field(1.0, "gradient-norm clip")
-    bf16: str = help_field("auto", "bf16 autocast: auto (on CUDA with bf16 support), on, off")
+    bf16: str = help_field("auto", "bf16 autocast of the training forwards and backward (weights, optimizer state "
+                                   "and loss stay float32): auto (where bf16 matrix products are fast: a CUDA device "
+                                   "with bf16, a CPU with avx512_bf16/AMX), on, off")
+    head_dtype: str = help_field("auto", "dtype of the output head under bf16 autocast, i.e. of the logits the loss "
+                                         "compares: float32 (exact logits; ~3% of a step on a CPU), autocast (bf16 like "
+                                         "the layers), auto (float32 on a CPU, autocast on CUDA)")
     generation_dtype: str = help_field("auto", "dtype the rollouts are sampled in, from a persistent copy of the student "
                                                "that gets its trainable weights before each step (training stays "
                                                "float32): auto (bfloat16 on a CPU with avx512_bf16/AMX or a CUDA device "
@@ -97,6 +102,8 @@ class TrainConfig:
                                  "or leave lora_layers at all")
         if self.bf16 not in ("auto", "on", "off"):
             raise SafesteerError("bf16 must be auto, on or off")
+        if self.head_dtype not in ("auto", "float32", "autocast"):
+            raise SafesteerError("head_dtype must be auto, float32 or autocast")
         if self.generation_dtype not in ("auto", "float32", "bfloat16"):
             raise SafesteerError("generation_dtype must be auto, float32 or bfloat16")
         if self.teacher_dtype not in ("same", "bfloat16", "float16"):

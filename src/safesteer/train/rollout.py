@@ -11,9 +11,10 @@ steering: the method is on-policy.
 Precision: `RolloutModel` keeps a persistent low-precision copy of the student to sample from (bf16 on
 hardware with fast bf16 matrix units, `TrainConfig.generation_dtype`); before each step's rollouts only
 the trainable weights (the LoRA adapter, or every weight of a full fine-tune) are copied into it from
-the float32 student. Training itself (student and teacher scores, loss, optimizer) stays in float32.
-The rollouts are then samples of the bf16 copy's distribution, which differs from the float32
-student's by bf16 rounding; the loss scores them under the float32 student as before.
+the float32 student. Training keeps float32 weights, optimizer state, output heads and loss (its decoder
+layers run under bf16 autocast on the same hardware: `TrainConfig.bf16`, `head_dtype`). The rollouts are
+then samples of the bf16 copy's distribution, which differs from the float32 student's by bf16
+rounding; the loss scores them under the student as before.
 
 Positions: a completion token at absolute position P + j is predicted by the hidden state at
 P + j - 1. `model_inputs()` therefore drops the last column (its hidden state predicts nothing),

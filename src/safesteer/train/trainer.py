@@ -11,6 +11,9 @@ One optimizer step, as the method prescribes:
   3. student   the student scores them with grad, and `core.loss.distillation_loss` compares the two
                distributions on the safety tokens S, a chunk of positions at a time;
   4. update    AdamW (no weight decay), cosine schedule with warm-up, grad-norm clip.
+Precision: weights, optimizer state and loss are float32; with bf16 autocast (`bf16`, auto where bf16 matrix
+products are fast) the decoder layers of 2. and 3. run in bf16, and on a CPU the output heads, whose logits
+the loss compares, stay float32 (`head_dtype`).
 With lora_layers=from_steering the adapter sits only on the steering layer and above, so below it the
 two models are the same function: one no-grad pass there serves both, and 2. and 3. start at that layer.
 
@@ -43,6 +46,7 @@ import torch
 
 from .. import parallel
 from ..core.forward import final_hidden_states, model_device
+from ..core.generation import fast_bf16
 from ..core.sampling import rollout_seeds, seeded_sampling, step_seed
 from ..core.steering import starting_at
 from ..errors import SafesteerError
@@ -179,6 +183,14 @@ class SteeredTeacher:
         return add_direction(self.model, self.spec.direction, self.spec.layer, coeffs)
 
 
+def in_float32(head: Any) -> Any:
+    """`head` applied outside autocast to float32 hidden states: float32 logits under a bf16 autocast."""
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return head(hidden.float())
+    return run
+
+
 @dataclass
 class RowPlan:
     """Beyond the paper: what each rollout row of a step gets (None everywhere = the method as published).
@@ -282,9 +294,15 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP swaps in sharded parameters
         device = model_device(self.model)
-        use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and device.type == "cuda"
-                                           and torch.cuda.is_bf16_supported())
+        use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and fast_bf16(device))
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        # Under autocast the output heads make the logits the loss compares. In float32 they stay exact: on a CPU
+        # that costs ~3% of a step (bf16 pays off in the decoder layers), on CUDA the bf16 head is kept.
+        head_dtype = getattr(getattr(self.student_head, "weight", None), "dtype", None)
+        self.float32_head = (use_bf16 and head_dtype == torch.float32
+                             and (config.head_dtype == "float32" or (config.head_dtype == "auto" and device.type != "cuda")))
+        head_runs_in = "float32" if self.float32_head else "bfloat16" if use_bf16 else str(head_dtype).replace("torch.", "")
+        self.precision = {"autocast": "bfloat16" if use_bf16 else "off", "head": head_runs_in}
         # With the adapter only from the steering layer up, student and teacher agree below it, so one pass
         # there serves both. Only in a single process: a DDP/FSDP wrapper must see the student's whole forward.
         self.share_lower_layers = (config.lora_layers == "from_steering" and self.accelerator.num_processes == 1
@@ -405,7 +423,10 @@ class Trainer:
         with self.autocast():
             with starting_at(self.model, start):
                 student_hidden = batch.scored_hidden(final_hidden_states(self.model, **inputs))
-            out = distillation_loss(student_hidden, teacher_hidden, self.student_head, self.teacher.head,
+            student_head, teacher_head = self.student_head, self.teacher.head
+            if self.float32_head:
+                student_head, teacher_head = in_float32(student_head), in_float32(teacher_head)
+            out = distillation_loss(student_hidden, teacher_hidden, student_head, teacher_head,
                                     self.safety_ids, batch.completion_mask, variant=cfg.loss,
                                     chunk_size=cfg.chunk_size, target_ids=batch.completion_ids,
                                     sequence_weights=plan.sequence_weights, position_weights=plan.position_weights)
@@ -641,6 +662,7 @@ class Trainer:
             "format": 1,
             "method": "safesteer localized on-policy distillation",
             "config": asdict(self.config),
+            "precision": self.precision,
             "steps_done": self.step,
             "saved_as": "adapter" if (self.config.finetune == "lora" and not self.config.merge) else "model",
             "train_prompts": {"n": len(self.prompts), "sha256": sha256_texts(self.prompts)},
