@@ -51,8 +51,8 @@ from ..core.sampling import rollout_seeds, seeded_sampling, step_seed
 from ..core.steering import starting_at
 from ..errors import SafesteerError
 from ..io.prompts import prompt_texts
-from ..utils import (append_jsonl, disk_full_error, is_disk_full, phase, read_json, read_jsonl, replace_dir,
-                     seed_everything, sha256_texts, temp_dir_in, write_json_atomic)
+from ..utils import (append_jsonl, disk_full_error, is_disk_full, phase, read_json, read_jsonl, release_freed_memory,
+                     replace_dir, seed_everything, sha256_texts, temp_dir_in, write_json_atomic)
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_resumable, data_order, drop_metrics_after,
                          find_checkpoint, require_finite, write_checkpoint)
 from .config import TrainConfig
@@ -332,8 +332,10 @@ class Trainer:
         print(f"[gate] no gate in {self.out}: fitting one (`safesteer gate` does this stage alone, and also measures "
               f"its separation on evaluation-only prompts)")
         # The held-out measurements change nothing in the gate and are half of the forwards: training skips them.
-        return run_gate_stage(model, tokenizer, self.run_info.get("base_model", {}), self.out, self.spec,
+        gate = run_gate_stage(model, tokenizer, self.run_info.get("base_model", {}), self.out, self.spec,
                               GateConfig(seed=split_seed, evaluate=False), progress=self.progress)
+        release_freed_memory()  # the fit's bf16 weight copy and batches: training's peak should not sit on them
+        return gate
 
     # -- one step ------------------------------------------------------------------------------
 
