@@ -180,6 +180,7 @@ def summarize(args: argparse.Namespace, out: Path) -> dict:
     entries = load_align_entries(out, args.model, out / "model", args)
     if parallel.is_main_process():
         record_representation(args, out, entries[0], entries[-1])
+        release_freed_memory()
     return align_summary(run_dir=out, args=args, entries=entries)
 
 

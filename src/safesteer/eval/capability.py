@@ -195,7 +195,7 @@ def answers_match(predicted: str | None, target: str) -> bool:
 
 
 def token_drift(reference: Any, entry: Any, prompt_texts: list[str], completions: list[list[int]],
-                chunk_tokens: int = 256) -> list[dict]:
+                chunk_tokens: int = 64) -> list[dict]:
     """Per sequence: summed KL(reference || model) over the completion positions, how many of those
     positions have the same argmax under both models, and how many positions there are.
 

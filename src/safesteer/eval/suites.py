@@ -35,8 +35,8 @@ from typing import Any, Callable, ContextManager
 
 from ..errors import SafesteerError
 from ..io.prompts import EVAL_PARTS, seeded_subset
-from ..utils import (append_jsonl, help_field, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic,
-                     write_text_atomic)
+from ..utils import (append_jsonl, help_field, read_json, read_jsonl, release_freed_memory, write_json_atomic,
+                     write_jsonl_atomic, write_text_atomic)
 from .capability import (GSM8K_TEMPLATE, MMLU_LETTERS, MMLU_TEMPLATE, answers_match, extract_answer, load_gsm8k,
                          load_mmlu, mmlu_letter_logprobs, mmlu_prompt, mmlu_subset, mmlu_uid, require_lm_eval,
                          run_lm_eval, same_vocabulary, summarize_drift, token_drift)
@@ -569,6 +569,8 @@ def _evaluate_one(entry: ModelEntry, reference: ModelEntry, data: dict, config: 
               ("drift", lambda: _drift_suite(reference, entry, data["drift"], config, out_dir, model_dir)))
     for name, run in suites:
         if name in data:
+            # Generation leaves its KV caches as fragmented free heap; the scoring passes' peak should not sit on it.
+            release_freed_memory()
             t0 = time.time()
             result[name] = run()
             timings[name] = round(time.time() - t0, 1)
@@ -633,6 +635,7 @@ def evaluate_models(entries: list[ModelEntry], config: EvalConfig | None = None,
         _claim_model_dir(model_dir, entry)
         t0 = time.time()
         results["models"][entry.name] = _evaluate_one(entry, entries[0], data, config, judge, out, model_dir)
+        release_freed_memory()
         if echo:
             echo(f"{entry.name}: done in {time.time() - t0:.0f} s")
         write_json_atomic(out / "results.json", results)
