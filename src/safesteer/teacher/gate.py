@@ -526,7 +526,8 @@ def run_gate_stage(model: nn.Module, tokenizer: Any, identity: dict, out_dir: st
     from ..core.generation import effective_dtype_name
 
     config = config or GateConfig()
-    config = replace(config, activation_dtype=effective_dtype_name(config.activation_dtype, model))  # "auto" recorded as what it meant
+    # "auto" is recorded (and keys the reuse check) as what it meant on this machine.
+    config = replace(config, activation_dtype=effective_dtype_name(config.activation_dtype, model))
     out_dir = Path(out_dir)
     n_layers = len(decoder_layers(model))
     layers = [x for x in (config.layers or range(spec.layer + 1)) if 0 <= x <= spec.layer]

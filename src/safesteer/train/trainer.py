@@ -298,10 +298,13 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         # Under autocast the output heads make the logits the loss compares. In float32 they stay exact: on a CPU
         # that costs ~3% of a step (bf16 pays off in the decoder layers), on CUDA the bf16 head is kept.
-        head_dtype = getattr(getattr(self.student_head, "weight", None), "dtype", None)
-        self.float32_head = (use_bf16 and head_dtype == torch.float32
-                             and (config.head_dtype == "float32" or (config.head_dtype == "auto" and device.type != "cuda")))
-        head_runs_in = "float32" if self.float32_head else "bfloat16" if use_bf16 else str(head_dtype).replace("torch.", "")
+        head_choice = config.head_dtype if config.head_dtype != "auto" else "autocast" if device.type == "cuda" else "float32"
+        weights_dtype = getattr(getattr(self.student_head, "weight", None), "dtype", None)
+        self.float32_head = use_bf16 and head_choice == "float32" and weights_dtype == torch.float32
+        if self.float32_head or not use_bf16:
+            head_runs_in = str(weights_dtype).replace("torch.", "")
+        else:
+            head_runs_in = "bfloat16"
         self.precision = {"autocast": "bfloat16" if use_bf16 else "off", "head": head_runs_in}
         # With the adapter only from the steering layer up, student and teacher agree below it, so one pass
         # there serves both. Only in a single process: a DDP/FSDP wrapper must see the student's whole forward.
