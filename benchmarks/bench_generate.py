@@ -15,7 +15,9 @@ both alike; the faster of the two repeats is reported):
            through `core.generation.generate_responses`. old: float32 weights, transformers generate on fixed
            batches of 16 (the previous default). new: generation dtype "auto" (bf16 where the CPU has
            avx512_bf16 / AMX), continuous batching (finished answers make room for waiting prompts), batch
-           --eval-batch (default: the EvalConfig default). Full mode also sweeps engine x batch in bf16;
+           --eval-batch (default: the EvalConfig default). new_unshared_prefix: new, with every row prefilling
+           its whole prompt instead of starting from the cache of the system turn all prompts share. Full
+           mode also sweeps engine x batch in bf16;
 * rollouts the cpu preset's training rollouts: 2 prompts x 4 samples of 48 tokens, T=1, from a LoRA student
            (r=16 on layer 17 and above). old: the float32 student with the previous forward-hook sampler
            (float64 Gumbel noise over the whole vocabulary per row and token, reproduced below). new:
@@ -112,6 +114,19 @@ def eval_prompts(n: int):
     splits = builtin_splits(0)
     half = n // 2
     return (seeded_subset(splits["harmful"]["eval"], half, 0) + seeded_subset(splits["edgy"]["eval"], n - half, 0))
+
+
+@contextlib.contextmanager
+def unshared_prefix():
+    """greedy_continuous as it was before it ran the prompts' common prefix once: every row prefills its whole prompt."""
+    from safesteer.core import generation
+
+    real = generation.shared_prefix_length
+    generation.shared_prefix_length = lambda ids_of, minimum=8: 0
+    try:
+        yield
+    finally:
+        generation.shared_prefix_length = real
 
 
 def run_eval(model, tokenizer, prompts, max_new_tokens, batch_size, dtype, engine="continuous",
@@ -216,12 +231,14 @@ def main(argv=None) -> int:
 
     # -- evaluation-style greedy generation
     prompts = eval_prompts(n_eval)
-    runs = {"old": None, "new": None}
+    runs = {"old": None, "new": None, "new_unshared_prefix": None}
     for _ in range(repeats):
-        old = run_eval(model, tokenizer, prompts, eval_tokens, 16, "float32", "generate")
-        new = run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto", "continuous")
-        runs["old"] = old if runs["old"] is None else best(runs["old"], old)
-        runs["new"] = new if runs["new"] is None else best(runs["new"], new)
+        measured = {"old": run_eval(model, tokenizer, prompts, eval_tokens, 16, "float32", "generate"),
+                    "new": run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto", "continuous")}
+        with unshared_prefix():  # the same engine with every prompt's system turn run per row, as before
+            measured["new_unshared_prefix"] = run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto",
+                                                       "continuous")
+        runs = {k: v if runs[k] is None else best(runs[k], v) for k, v in measured.items()}
     agree = sum(a == b for a, b in zip(runs["old"]["responses"], runs["new"]["responses"])) / len(prompts)
     result["eval"] = {k: {kk: vv for kk, vv in v.items() if kk != "responses"} for k, v in runs.items()}
     result["eval"]["identical_responses_old_vs_new"] = agree
@@ -230,6 +247,11 @@ def main(argv=None) -> int:
           f"{runs['old']['tok_s']:.1f} tok/s; new {runs['new']['dtype']} continuous batch {args.eval_batch} "
           f"{runs['new']['tok_s']:.1f} tok/s "
           f"({runs['new']['tok_s'] / runs['old']['tok_s']:.2f}x); identical answers {agree:.0%}", flush=True)
+    same = sum(a == b for a, b in zip(runs["new"]["responses"], runs["new_unshared_prefix"]["responses"])) / len(prompts)
+    result["eval"]["identical_responses_shared_vs_unshared_prefix"] = same
+    print(f"  the prompts' shared system turn run once: {runs['new']['tok_s']:.1f} tok/s vs "
+          f"{runs['new_unshared_prefix']['tok_s']:.1f} tok/s per row ({runs['new']['tok_s'] / runs['new_unshared_prefix']['tok_s']:.2f}x); "
+          f"identical answers {same:.0%}", flush=True)
     if not quick:
         sweep: dict = {}
         for engine in ("continuous", "generate"):

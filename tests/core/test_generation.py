@@ -154,6 +154,44 @@ def test_continuous_batching_gives_the_answers_of_fixed_batches(tmp_path, smol_t
     assert sorted(r["prompt_uid"] for r in on_disk) == sorted(p.uid for p in prompts)  # every row written once
 
 
+def test_shared_prefix_length():
+    from safesteer.core.generation import shared_prefix_length
+
+    system = list(range(100, 112))  # a 12-token system turn
+    assert shared_prefix_length([system + [1, 2], system + [3], system + [1, 4, 5]]) == 12
+    assert shared_prefix_length([system + [1, 2], system + [1, 3]]) == 13  # longer when the turns agree further
+    assert shared_prefix_length([system, system + [7, 8]]) == 11  # every prompt keeps a token of its own
+    assert shared_prefix_length([system + [1]]) == 0  # one prompt: nothing to share
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 0  # under the minimum: not worth a pass
+    assert shared_prefix_length([[9] + system, [8] + system]) == 0
+
+
+def test_continuous_batching_runs_the_shared_prefix_once(tiny_model, smol_tokenizer):
+    """The chat template's system turn, common to every prompt, goes through the model once; every later
+    forward covers only the prompts' own tokens or decoding steps, and the answers stay those of generate."""
+    from safesteer.core import generation as g
+
+    prompts = [Prompt(t) for t in ["Say hi.", "Write a long poem about the sea and the sky.", "Count to three.",
+                                   "Name a colour.", "What is two plus two, and why?"]]
+    ids = [smol_tokenizer(f, add_special_tokens=False)["input_ids"]
+           for f in g.format_prompts(smol_tokenizer, [p.text for p in prompts])]
+    n_prefix = g.shared_prefix_length(ids)
+    assert n_prefix >= 8
+    widths = []
+    handle = tiny_model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    try:
+        cont, _ = generate_responses(tiny_model, smol_tokenizer, prompts, GenerationConfig(max_new_tokens=5, batch_size=2),
+                                     progress=False)
+    finally:
+        handle.remove()
+    assert widths[0] == n_prefix and widths.count(n_prefix) == 1
+    assert max(widths[1:]) == max(len(i) for i in ids) - n_prefix
+    single, _ = generate_responses(tiny_model, smol_tokenizer, prompts,
+                                   GenerationConfig(max_new_tokens=5, batch_size=1, engine="generate"), progress=False)
+    assert [r["response"] for r in cont] == [r["response"] for r in single]
+
+
 def test_continuous_batching_under_a_steering_hook(tiny_model, smol_tokenizer):
     """Hooks that read the 2-D attention mask (steering skips padding) see the merged batch's mask."""
     from conftest import Spec
