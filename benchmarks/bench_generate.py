@@ -119,14 +119,14 @@ def eval_prompts(n: int):
 @contextlib.contextmanager
 def unshared_prefix():
     """greedy_continuous as it was before it ran the prompts' common prefix once: every row prefills its whole prompt."""
-    from safesteer.core import generation
+    from safesteer.core import forward  # greedy_continuous looks the helper up there on every call
 
-    real = generation.shared_prefix_length
-    generation.shared_prefix_length = lambda ids_of, minimum=8: 0
+    real = forward.shared_prefix_length
+    forward.shared_prefix_length = lambda *args, **kwargs: 0
     try:
         yield
     finally:
-        generation.shared_prefix_length = real
+        forward.shared_prefix_length = real
 
 
 def run_eval(model, tokenizer, prompts, max_new_tokens, batch_size, dtype, engine="continuous",

@@ -32,3 +32,29 @@ def test_positions_count_real_tokens_and_put_padding_at_zero():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
     assert positions_from_mask(mask.bool()).dtype == torch.long
+
+
+def test_shared_prefix_length():
+    from safesteer.core.forward import shared_prefix_length
+
+    system = list(range(100, 112))  # a 12-token system turn
+    assert shared_prefix_length([system + [1, 2], system + [3], system + [1, 4, 5]]) == 12
+    assert shared_prefix_length([system + [1, 2], system + [1, 3]]) == 13  # longer where the prompts agree further
+    assert shared_prefix_length([system, system + [7, 8]]) == 11  # every prompt keeps a token of its own
+    assert shared_prefix_length([system + [1, 2, 3], system + [4, 5, 6]], keep=4) == 11  # ... or `keep` of them
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]], minimum=4) == 0  # under the minimum: not worth a pass
+    assert shared_prefix_length([[9] + system, [8] + system]) == 0
+    assert shared_prefix_length([[5]]) == 0 and shared_prefix_length([]) == 0
+
+
+def test_repeated_cache_leaves_the_original_as_it_was():
+    from transformers.cache_utils import DynamicCache
+
+    from safesteer.core.forward import repeated_cache
+
+    cache = DynamicCache()
+    keys, values = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    cache.update(keys.clone(), values.clone(), 0)
+    out = repeated_cache(cache, 3)
+    assert out.layers[0].keys.shape[0] == 6 and torch.equal(out.layers[0].keys[3], keys[1])  # row-major repeats
+    assert torch.equal(cache.layers[0].keys, keys) and cache.layers[0].keys.shape[0] == 2

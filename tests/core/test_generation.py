@@ -154,28 +154,17 @@ def test_continuous_batching_gives_the_answers_of_fixed_batches(tmp_path, smol_t
     assert sorted(r["prompt_uid"] for r in on_disk) == sorted(p.uid for p in prompts)  # every row written once
 
 
-def test_shared_prefix_length():
-    from safesteer.core.generation import shared_prefix_length
-
-    system = list(range(100, 112))  # a 12-token system turn
-    assert shared_prefix_length([system + [1, 2], system + [3], system + [1, 4, 5]]) == 12
-    assert shared_prefix_length([system + [1, 2], system + [1, 3]]) == 13  # longer when the turns agree further
-    assert shared_prefix_length([system, system + [7, 8]]) == 11  # every prompt keeps a token of its own
-    assert shared_prefix_length([system + [1]]) == 0  # one prompt: nothing to share
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 0  # under the minimum: not worth a pass
-    assert shared_prefix_length([[9] + system, [8] + system]) == 0
-
-
 def test_continuous_batching_runs_the_shared_prefix_once(tiny_model, smol_tokenizer):
     """The chat template's system turn, common to every prompt, goes through the model once; every later
     forward covers only the prompts' own tokens or decoding steps, and the answers stay those of generate."""
     from safesteer.core import generation as g
+    from safesteer.core.forward import shared_prefix_length
 
     prompts = [Prompt(t) for t in ["Say hi.", "Write a long poem about the sea and the sky.", "Count to three.",
                                    "Name a colour.", "What is two plus two, and why?"]]
     ids = [smol_tokenizer(f, add_special_tokens=False)["input_ids"]
            for f in g.format_prompts(smol_tokenizer, [p.text for p in prompts])]
-    n_prefix = g.shared_prefix_length(ids)
+    n_prefix = shared_prefix_length(ids, keep=1)
     assert n_prefix >= 8
     widths = []
     handle = tiny_model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]),

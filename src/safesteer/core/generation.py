@@ -16,7 +16,6 @@ compliant answer runs to the limit). Sampled answers use transformers' `generate
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -391,18 +390,6 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def shared_prefix_length(ids_of: Sequence[Sequence[int]], minimum: int = 8) -> int:
-    """How many leading tokens all prompts share, leaving every prompt at least one token of its own; 0 for
-    fewer than two prompts or a prefix under `minimum` tokens (not worth a pass of its own)."""
-    if len(ids_of) < 2:
-        return 0
-    n = min(len(ids) for ids in ids_of) - 1
-    first = ids_of[0]
-    for ids in ids_of[1:]:
-        n = next((k for k in range(n) if ids[k] != first[k]), n)
-    return n if n >= minimum else 0
-
-
 def _prefix_cache(model: Any, prefix: list[int], device: Any) -> Any:
     """The KV cache of `prefix` (one row), run through the whole model like any prompt; _Unsupported for a
     cache other than transformers' plain DynamicCache."""
@@ -435,13 +422,13 @@ def greedy_continuous(model: Any, tokenizer: Any, formatted: Sequence[str], max_
     """
     from collections import deque
 
-    from .forward import positions_from_mask
+    from .forward import positions_from_mask, repeated_cache, shared_prefix_length
 
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eot_set = {int(t) for t in eot_ids}
     ids_of = [tokenizer(f, add_special_tokens=False)["input_ids"] for f in formatted]
-    n_prefix = shared_prefix_length(ids_of)
+    n_prefix = shared_prefix_length(ids_of, keep=1)
     prefix_cache = _prefix_cache(model, ids_of[0][:n_prefix], device) if n_prefix else None
     pending = deque(range(len(formatted)))
     refill_at = max(1, batch_size // 4)  # admit new prompts once this many places are free
@@ -462,8 +449,7 @@ def greedy_continuous(model: Any, tokenizer: Any, formatted: Sequence[str], max_
         ids, m = ids.to(device), m.to(device)
         kwargs: dict[str, Any] = {"position_ids": positions_from_mask(m)}
         if prefix_cache is not None:
-            past = copy.deepcopy(prefix_cache)
-            past.batch_repeat_interleave(len(take))
+            past = repeated_cache(prefix_cache, len(take))
             m = torch.cat([m.new_ones(len(take), n_prefix), m], dim=1)
             kwargs = {"position_ids": kwargs["position_ids"] + n_prefix, "past_key_values": past}
         out = model(input_ids=ids, attention_mask=m, use_cache=True, logits_to_keep=1, **kwargs)

@@ -40,7 +40,6 @@ refusal tokens, prompt counts and hashes, model identity, timings, config) and
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
 import warnings
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 from ..core.anatomy import decoder_layers, format_prompts, post_instruction_length, unwrap_model
-from ..core.forward import model_device, positions_from_mask
+from ..core.forward import model_device, positions_from_mask, repeated_cache, shared_prefix_length
 from ..core.generation import effective_dtype_name, generation_precision, resolve_generation_dtype
 from ..core.steering import ablate_direction, ablate_directions_per_copy, add_direction, hidden_of
 from ..errors import SafesteerError
@@ -226,15 +225,10 @@ class _Encoded:
         formatted = format_prompts(tokenizer, list(instructions))
         self.ids = [tokenizer(f, add_special_tokens=False)["input_ids"] for f in formatted]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        n = 0
-        shortest = min(len(x) for x in self.ids)
-        first = self.ids[0]
-        while n < shortest and all(x[n] == first[n] for x in self.ids):
-            n += 1
         # Each row keeps at least `keep_suffix` tokens of its own, so the positions read off the
         # suffix (last prompt token, post-instruction tokens) are never inside the cached prefix.
-        n = min(n, shortest - keep_suffix)
-        self.prefix = list(first[:n]) if prefix_cache and n >= 2 else []
+        n = shared_prefix_length(self.ids, keep=keep_suffix) if prefix_cache else 0
+        self.prefix = list(self.ids[0][:n])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -305,8 +299,7 @@ def _last_logits(model: nn.Module, enc: _Encoded, batch_size: int, reduce: Calla
             cache = None
             full_mask = mask
             if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(rows))  # copy k's prefix serves copy k's rows
+                cache = repeated_cache(prefix_cache, len(rows))  # copy k's prefix serves copy k's rows
                 full_mask = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=device), mask], 1)
             with (during(rows) if during else nullcontext()):
                 logits = _model_call(model, ids, full_mask, positions, cache)

@@ -41,7 +41,6 @@ evaluation set, prompt hashes, model identity, steering layer and direction hash
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import math
 import time
@@ -55,7 +54,7 @@ import torch
 from torch import nn
 
 from ..core.anatomy import decoder_layers, format_prompts, post_instruction_length, unwrap_model
-from ..core.forward import model_device, positions_from_mask
+from ..core.forward import model_device, positions_from_mask, repeated_cache, shared_prefix_length
 from ..core.steering import add_direction, hidden_of
 from ..errors import SafesteerError
 from ..io.models import comparable_identity, stored_result_matches
@@ -153,12 +152,7 @@ def instruction_states(model: nn.Module, tokenizer: Any, instructions: Sequence[
     n_post = post_instruction_length(tokenizer)
     ids = [tokenizer(f, add_special_tokens=False)["input_ids"] for f in format_prompts(tokenizer, texts)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    shortest = min(len(x) for x in ids)
-    p = 0
-    while p < shortest and all(x[p] == ids[0][p] for x in ids):
-        p += 1
-    p = min(p, shortest - n_post - 1)  # the instruction token is never inside the shared prefix
-    p = p if p >= 2 else 0
+    p = shared_prefix_length(ids, keep=n_post + 1)  # the instruction token is never inside the shared prefix
     device = model_device(model)
     prefix_cache = None
     if p:
@@ -191,9 +185,7 @@ def instruction_states(model: nn.Module, tokenizer: Any, instructions: Sequence[
             chunk, mask = chunk.to(device), mask.to(device)
             kwargs: dict[str, Any] = dict(position_ids=p + positions_from_mask(mask), use_cache=False)
             if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(rows))
-                kwargs.update(past_key_values=cache, use_cache=True)
+                kwargs.update(past_key_values=repeated_cache(prefix_cache, len(rows)), use_cache=True)
                 mask = torch.cat([torch.ones(len(rows), p, dtype=mask.dtype, device=device), mask], 1)
             store.clear()
             try:
