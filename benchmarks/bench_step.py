@@ -19,9 +19,12 @@ reference  the released code's design: full fine-tune of the student, a second f
 
 Each design runs in its own subprocess, so its peak RSS (getrusage ru_maxrss) is its own and includes
 sampling (and the bf16 copy). Every design first scores one shared batch (sampled once, in another
-subprocess) with an update: on that step every student still equals the base model, so all step-1
-losses must agree, a check that the designs compute the same thing. Then each runs --steps whole
-steps (its own rollouts for the same prompts, then the update), timed; the last is reported.
+subprocess) with an update: on that step every student still equals the base model, so the float32
+designs' step-1 losses (old, reference) must agree, a check that they compute the same thing. new trains
+under bf16 autocast where the CPU has fast bf16, so its loss differs by the layers' rounding: 1.5% on the
+default run's own direction, S and rollouts, far more with the seeded stand-ins (random S tokens, a loss of
+~1e-6, so rounding is most of it). Then each runs --steps whole steps (its own rollouts for the same prompts,
+then the update), timed; the last is reported.
 """
 
 from __future__ import annotations
