@@ -34,6 +34,15 @@ def test_positions_count_real_tokens_and_put_padding_at_zero():
     assert positions_from_mask(mask.bool()).dtype == torch.long
 
 
+def test_left_padded_puts_the_padding_before_each_rows_tokens():
+    from safesteer.core.forward import left_padded
+
+    ids, mask = left_padded([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
 def test_shared_prefix_length():
     from safesteer.core.forward import shared_prefix_length
 

@@ -3,6 +3,7 @@
     hidden = final_hidden_states(model, input_ids, attention_mask)              # [B, T, d], after the final norm
     hidden = final_hidden_states(model, **batch.model_inputs())                 # with explicit position ids
     positions = positions_from_mask(attention_mask)                             # left padding does not shift them
+    ids, mask = left_padded(token_lists, pad_id)                                # [B, T] each, padding on the left
     n = shared_prefix_length(token_lists, keep=1)                               # the chat template's system turn
     cache = repeated_cache(prefix_cache, rows)                                  # one prefix pass serves every row
 """
@@ -41,6 +42,18 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 def model_device(model: Any) -> torch.device:
     """The device of the model's (first) parameters."""
     return next(model.parameters()).device
+
+
+def left_padded(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded batch on the CPU: ids [B, T] (pad_id before each row's tokens) and the
+    attention mask [B, T] (1 on the tokens)."""
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = 1
+    return ids, mask
 
 
 def shared_prefix_length(token_lists: Sequence[Sequence[int]], keep: int = 1, minimum: int = 2) -> int:

@@ -422,7 +422,7 @@ def greedy_continuous(model: Any, tokenizer: Any, formatted: Sequence[str], max_
     """
     from collections import deque
 
-    from .forward import positions_from_mask, repeated_cache, shared_prefix_length
+    from .forward import left_padded, positions_from_mask, repeated_cache, shared_prefix_length
 
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -439,20 +439,14 @@ def greedy_continuous(model: Any, tokenizer: Any, formatted: Sequence[str], max_
     def admit(take: list[int]) -> None:
         nonlocal cache, mask, last, pos
         # Each row: [shared prefix][left padding][rest of its prompt]; positions count real tokens only.
-        rest = [ids_of[i][n_prefix:] for i in take]
-        width = max(len(r) for r in rest)
-        ids = torch.full((len(take), width), pad, dtype=torch.long)
-        m = torch.zeros((len(take), width), dtype=torch.long)
-        for r, tail in enumerate(rest):
-            ids[r, width - len(tail):] = torch.tensor(tail)
-            m[r, width - len(tail):] = 1
+        ids, m = left_padded([ids_of[i][n_prefix:] for i in take], pad)
         ids, m = ids.to(device), m.to(device)
-        kwargs: dict[str, Any] = {"position_ids": positions_from_mask(m)}
+        positions, past = n_prefix + positions_from_mask(m), None
         if prefix_cache is not None:
             past = repeated_cache(prefix_cache, len(take))
             m = torch.cat([m.new_ones(len(take), n_prefix), m], dim=1)
-            kwargs = {"position_ids": kwargs["position_ids"] + n_prefix, "past_key_values": past}
-        out = model(input_ids=ids, attention_mask=m, use_cache=True, logits_to_keep=1, **kwargs)
+        out = model(input_ids=ids, attention_mask=m, position_ids=positions, past_key_values=past, use_cache=True,
+                    logits_to_keep=1)
         new_layers = _plain_layers(out.past_key_values)
         first = out.logits[:, -1].argmax(-1)
         new_pos = m.sum(1)

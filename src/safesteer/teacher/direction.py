@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..core.anatomy import decoder_layers, format_prompts, post_instruction_length, unwrap_model
-from ..core.forward import model_device, positions_from_mask, repeated_cache, shared_prefix_length
+from ..core.forward import left_padded, model_device, positions_from_mask, repeated_cache, shared_prefix_length
 from ..core.generation import effective_dtype_name, generation_precision, resolve_generation_dtype
 from ..core.steering import ablate_direction, ablate_directions_per_copy, add_direction, hidden_of
 from ..errors import SafesteerError
@@ -245,13 +245,7 @@ class _Encoded:
             bounds.append(min(bounds[-1] + batch_size, len(order)))
         for start, stop in zip(bounds, bounds[1:]):
             rows = order[start:stop]
-            width = max(len(self.ids[i]) - p for i in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                suffix = self.ids[i][p:]
-                ids[r, width - len(suffix):] = torch.tensor(suffix)
-                mask[r, width - len(suffix):] = 1
+            ids, mask = left_padded([self.ids[i][p:] for i in rows], self.pad_id)
             yield rows, ids, mask
 
 

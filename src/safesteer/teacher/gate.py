@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ..core.anatomy import decoder_layers, format_prompts, post_instruction_length, unwrap_model
-from ..core.forward import model_device, positions_from_mask, repeated_cache, shared_prefix_length
+from ..core.forward import left_padded, model_device, positions_from_mask, repeated_cache, shared_prefix_length
 from ..core.steering import add_direction, hidden_of
 from ..errors import SafesteerError
 from ..io.models import comparable_identity, stored_result_matches
@@ -175,13 +175,7 @@ def instruction_states(model: nn.Module, tokenizer: Any, instructions: Sequence[
         bar = tqdm(total=len(order), desc="gate activations", unit="prompt", disable=not progress)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = max(len(ids[i]) - p for i in rows)
-            chunk = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                suffix = ids[i][p:]
-                chunk[r, width - len(suffix):] = torch.tensor(suffix)
-                mask[r, width - len(suffix):] = 1
+            chunk, mask = left_padded([ids[i][p:] for i in rows], pad)
             chunk, mask = chunk.to(device), mask.to(device)
             kwargs: dict[str, Any] = dict(position_ids=p + positions_from_mask(mask), use_cache=False)
             if prefix_cache is not None:
