@@ -16,13 +16,15 @@ both alike; the faster of the two repeats is reported):
            batches of 16 (the previous default). new: generation dtype "auto" (bf16 where the CPU has
            avx512_bf16 / AMX), continuous batching (finished answers make room for waiting prompts), batch
            --eval-batch (default: the EvalConfig default). new_unshared_prefix: new, with every row prefilling
-           its whole prompt instead of starting from the cache of the system turn all prompts share. Full
-           mode also sweeps engine x batch in bf16;
+           its whole prompt instead of starting from the cache of the system turn all prompts share.
+           new_unpacked: new, with oneDNN reordering every bf16 weight on each call instead of once
+           (`core.prepack`). Full mode also sweeps engine x batch in bf16;
 * rollouts the cpu preset's training rollouts: 2 prompts x 4 samples of 48 tokens, T=1, from a LoRA student
            (r=16 on layer 17 and above). old: the float32 student with the previous forward-hook sampler
            (float64 Gumbel noise over the whole vocabulary per row and token, reproduced below). new:
            `train.rollout.RolloutModel` (persistent bf16 copy, adapter synced before each step) with the
-           `core.sampling.RowSampler` logits processor (one uniform per row and token, inverse CDF);
+           `core.sampling.RowSampler` logits processor (one uniform per row and token, inverse CDF), frozen
+           layers prepacked. new_unpacked: the same without prepacking;
 * sampler  the two samplers alone on [8, V] float32 logits (per call, i.e. per generated token).
 
 tok/s counts completion tokens (up to and including each row's end of turn).
@@ -129,6 +131,19 @@ def unshared_prefix():
         forward.shared_prefix_length = real
 
 
+@contextlib.contextmanager
+def unpacked():
+    """bf16 linear layers as before core.prepack: oneDNN reorders each weight on every call."""
+    from safesteer.core import prepack
+
+    real = prepack.prepack_available
+    prepack.prepack_available = lambda: False
+    try:
+        yield
+    finally:
+        prepack.prepack_available = real
+
+
 def run_eval(model, tokenizer, prompts, max_new_tokens, batch_size, dtype, engine="continuous",
              cache_implementation=None) -> dict:
     from safesteer.core.generation import GenerationConfig, generate_responses
@@ -175,7 +190,7 @@ def run_rollouts(student, tokenizer, instructions, per_prompt, max_new_tokens, p
     seconds = time.perf_counter() - t0
     tokens = int(batch.completion_mask.sum())
     return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
-            "row_steps_s": batch.completion_mask.numel() / seconds}
+            "row_steps_s": batch.completion_mask.numel() / seconds, "sequences": batch.sequences}
 
 
 def sampler_alone(vocab: int, rows: int, calls: int) -> dict:
@@ -231,13 +246,15 @@ def main(argv=None) -> int:
 
     # -- evaluation-style greedy generation
     prompts = eval_prompts(n_eval)
-    runs = {"old": None, "new": None, "new_unshared_prefix": None}
+    runs = {"old": None, "new": None, "new_unshared_prefix": None, "new_unpacked": None}
     for _ in range(repeats):
         measured = {"old": run_eval(model, tokenizer, prompts, eval_tokens, 16, "float32", "generate"),
                     "new": run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto", "continuous")}
         with unshared_prefix():  # the same engine with every prompt's system turn run per row, as before
             measured["new_unshared_prefix"] = run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto",
                                                        "continuous")
+        with unpacked():  # the same engine with oneDNN reordering every bf16 weight per call, as before
+            measured["new_unpacked"] = run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto", "continuous")
         runs = {k: v if runs[k] is None else best(runs[k], v) for k, v in measured.items()}
     agree = sum(a == b for a, b in zip(runs["old"]["responses"], runs["new"]["responses"])) / len(prompts)
     result["eval"] = {k: {kk: vv for kk, vv in v.items() if kk != "responses"} for k, v in runs.items()}
@@ -252,6 +269,11 @@ def main(argv=None) -> int:
     print(f"  the prompts' shared system turn run once: {runs['new']['tok_s']:.1f} tok/s vs "
           f"{runs['new_unshared_prefix']['tok_s']:.1f} tok/s per row ({runs['new']['tok_s'] / runs['new_unshared_prefix']['tok_s']:.2f}x); "
           f"identical answers {same:.0%}", flush=True)
+    same = sum(a == b for a, b in zip(runs["new"]["responses"], runs["new_unpacked"]["responses"])) / len(prompts)
+    result["eval"]["identical_responses_packed_vs_unpacked"] = same
+    print(f"  bf16 weights prepacked once: {runs['new']['tok_s']:.1f} tok/s vs {runs['new_unpacked']['tok_s']:.1f} tok/s "
+          f"reordered per call ({runs['new']['tok_s'] / runs['new_unpacked']['tok_s']:.2f}x); identical answers {same:.0%}",
+          flush=True)
     if not quick:
         sweep: dict = {}
         for engine in ("continuous", "generate"):
@@ -286,16 +308,25 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rollout_model = RolloutModel(student, torch.bfloat16)
     copy_s = time.perf_counter() - t0
-    rolls = {"old": None, "new": None}
+    with unpacked():
+        unpacked_model = RolloutModel(student, torch.bfloat16)
+    rolls = {"old": None, "new": None, "new_unpacked": None}
     for _ in range(repeats + 1):
-        old = run_rollouts(student, tokenizer, instructions, 4, 48, "old")
-        new = run_rollouts(student, tokenizer, instructions, 4, 48, "new", rollout_model)
-        rolls["old"] = old if rolls["old"] is None else best(rolls["old"], old)
-        rolls["new"] = new if rolls["new"] is None else best(rolls["new"], new)
-    result["rollouts"] = {**rolls, "batch": 8, "max_new_tokens": 48, "bf16_copy_build_s": copy_s}
+        measured = {"old": run_rollouts(student, tokenizer, instructions, 4, 48, "old"),
+                    "new": run_rollouts(student, tokenizer, instructions, 4, 48, "new", rollout_model),
+                    "new_unpacked": run_rollouts(student, tokenizer, instructions, 4, 48, "new", unpacked_model)}
+        rolls = {k: v if rolls[k] is None else best(rolls[k], v) for k, v in measured.items()}
+    del unpacked_model
+    result["rollouts"] = {**{k: {kk: vv for kk, vv in v.items() if kk != "sequences"} for k, v in rolls.items()},
+                          "batch": 8, "max_new_tokens": 48, "bf16_copy_build_s": copy_s,
+                          "identical_packed_vs_unpacked": torch.equal(rolls["new"]["sequences"],
+                                                                      rolls["new_unpacked"]["sequences"])}
     print(f"rollouts (8 x 48 tokens, LoRA student): old fp32 + Gumbel hook {rolls['old']['tok_s']:.1f} tok/s; new bf16 "
           f"copy + inverse-CDF processor {rolls['new']['tok_s']:.1f} tok/s ({rolls['new']['tok_s'] / rolls['old']['tok_s']:.2f}x); "
           f"building the copy once took {copy_s:.1f} s", flush=True)
+    print(f"  bf16 weights prepacked once: {rolls['new']['tok_s']:.1f} tok/s vs {rolls['new_unpacked']['tok_s']:.1f} tok/s "
+          f"reordered per call ({rolls['new']['tok_s'] / rolls['new_unpacked']['tok_s']:.2f}x); identical rollouts: "
+          f"{result['rollouts']['identical_packed_vs_unpacked']}", flush=True)
 
     # -- the samplers alone
     vocab = model.get_output_embeddings().weight.shape[0]

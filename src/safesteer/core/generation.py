@@ -32,6 +32,7 @@ from ..io.prompts import Prompt
 from ..utils import append_jsonl, read_jsonl
 from .anatomy import end_of_turn_ids, format_prompts
 from .forward import model_device
+from .prepack import prepack_linears
 
 
 GENERATION_DTYPES = ("auto", "float32", "bfloat16")
@@ -115,8 +116,10 @@ def generation_precision(model: Any, dtype: torch.dtype | str | None):
 
     Casts in place (`param.data`), so the module objects, and every hook or adapter switch bound to
     them, stay the same; tied weights are cast once. Buffers (rotary frequencies) keep their dtype, as
-    loading a model in bf16 leaves them. A no-op when nothing needs casting. Not for sharded (FSDP/ZeRO)
-    weights. Peak memory: the original weights plus their cast copy. Yields whether anything was cast.
+    loading a model in bf16 leaves them. Frozen bf16 linear layers on a CPU (cast here or stored so) run
+    with prepacked weights inside the block (`core.prepack`: identical outputs). Not for sharded
+    (FSDP/ZeRO) weights. Peak memory: the original weights plus their cast copy. Yields whether anything
+    was cast.
     """
     if isinstance(dtype, str):
         dtype = _DTYPE_NAMES.get(dtype) or resolve_generation_dtype(dtype, model)
@@ -129,12 +132,18 @@ def generation_precision(model: Any, dtype: torch.dtype | str | None):
             seen.add(id(p))
             saved.append((p, p.data))
     head_hook = contiguous_head_input(model) if saved else None
+    packed = None
     try:
         with torch.no_grad():
             for p, data in saved:
                 p.data = data.to(dtype)
+        # bf16 linear layers on a CPU multiply with weights reordered once (core.prepack: same results, faster);
+        # their bf16 copies are emptied meanwhile, and the originals put back below.
+        packed = prepack_linears(model)
         yield bool(saved)  # True when something was cast
     finally:
+        if packed is not None:
+            packed.undo(restored_elsewhere=[p for p, _ in saved])
         if head_hook is not None:
             head_hook.remove()
         for p, data in saved:

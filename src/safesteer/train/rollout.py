@@ -99,8 +99,8 @@ class RolloutModel:
         with seeded_sampling(sampler, seeds): batch = sample_rollouts(sampler, ...)
 
     With a copy, `synced` copies the student's trainable parameters into it (cast to `dtype`) and
-    returns it; the frozen weights were copied once, at construction. Without one (dtype None, or
-    the student already in `dtype`) it returns the student.
+    returns it; the frozen weights were copied once, at construction (and, bf16 on a CPU, prepacked:
+    `core.prepack`). Without one (dtype None, or the student already in `dtype`) it returns the student.
     """
 
     def __init__(self, student: Any, dtype: torch.dtype | None):
@@ -110,9 +110,15 @@ class RolloutModel:
         if dtype is not None and any(p.dtype != dtype for p in weights):
             from ..core.generation import contiguous_head_input
 
+            from ..core.prepack import prepack_linears
+
             self.copy = _low_precision_copy(student, dtype)
             self._targets = dict(self.copy.named_parameters())
             contiguous_head_input(self.copy)  # frozen bf16 head: see there (4 s per prefill otherwise)
+            # The frozen layers multiply with weights reordered once for oneDNN (core.prepack: the same samples,
+            # faster); the layers `synced` updates (the adapter) stay plain.
+            trained = {name.rpartition(".")[0] for name, p in student.named_parameters() if p.requires_grad}
+            self.prepacked = prepack_linears(self.copy, skip=trained)
 
     @property
     def dtype_name(self) -> str | None:
