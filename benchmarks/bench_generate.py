@@ -13,12 +13,13 @@ both alike; the faster of the two repeats is reported):
            output head), i.e. what generation would reach if it ran at matrix-product speed;
 * eval     greedy answers to held-out AdvBench + edgy prompts (64 new tokens, what `safesteer eval` runs),
            through `core.generation.generate_responses`. old: float32 weights, transformers generate on fixed
-           batches of 16 (the previous default). new: generation dtype "auto" (bf16 where the CPU has
+           batches of 16 (the previous default, MKL's float32 products). new: generation dtype "auto" (bf16 where the CPU has
            avx512_bf16 / AMX), continuous batching (finished answers make room for waiting prompts), batch
            --eval-batch (default: the EvalConfig default). new_unshared_prefix: new, with every row prefilling
            its whole prompt instead of starting from the cache of the system turn all prompts share.
            new_unpacked: new, with oneDNN reordering every bf16 weight on each call instead of once
-           (`core.prepack`). Full mode also sweeps engine x batch in bf16;
+           (`core.prepack`). new_float32: new in float32 (what a CPU without fast bf16 runs), its
+           layers prepacked for oneDNN. Full mode also sweeps engine x batch in bf16;
 * rollouts the cpu preset's training rollouts: 2 prompts x 4 samples of 48 tokens, T=1, from a LoRA student
            (r=16 on layer 17 and above). old: the float32 student with the previous forward-hook sampler
            (float64 Gumbel noise over the whole vocabulary per row and token, reproduced below). new:
@@ -246,10 +247,13 @@ def main(argv=None) -> int:
 
     # -- evaluation-style greedy generation
     prompts = eval_prompts(n_eval)
-    runs = {"old": None, "new": None, "new_unshared_prefix": None, "new_unpacked": None}
+    runs = {"old": None, "new": None, "new_unshared_prefix": None, "new_unpacked": None, "new_float32": None}
     for _ in range(repeats):
-        measured = {"old": run_eval(model, tokenizer, prompts, eval_tokens, 16, "float32", "generate"),
-                    "new": run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto", "continuous")}
+        with unpacked():  # the previous default as it was: MKL's float32 products
+            measured = {"old": run_eval(model, tokenizer, prompts, eval_tokens, 16, "float32", "generate")}
+        measured["new"] = run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto", "continuous")
+        # What a CPU without fast bf16 gets: float32, continuous batching, prepacked (oneDNN) float32 layers.
+        measured["new_float32"] = run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "float32", "continuous")
         with unshared_prefix():  # the same engine with every prompt's system turn run per row, as before
             measured["new_unshared_prefix"] = run_eval(model, tokenizer, prompts, eval_tokens, args.eval_batch, "auto",
                                                        "continuous")
@@ -269,6 +273,11 @@ def main(argv=None) -> int:
     print(f"  the prompts' shared system turn run once: {runs['new']['tok_s']:.1f} tok/s vs "
           f"{runs['new_unshared_prefix']['tok_s']:.1f} tok/s per row ({runs['new']['tok_s'] / runs['new_unshared_prefix']['tok_s']:.2f}x); "
           f"identical answers {same:.0%}", flush=True)
+    same = sum(a == b for a, b in zip(runs["old"]["responses"], runs["new_float32"]["responses"])) / len(prompts)
+    result["eval"]["identical_responses_old_vs_new_float32"] = same
+    print(f"  float32 (a CPU without fast bf16): continuous batch {args.eval_batch} with prepacked layers "
+          f"{runs['new_float32']['tok_s']:.1f} tok/s vs old {runs['old']['tok_s']:.1f} tok/s "
+          f"({runs['new_float32']['tok_s'] / runs['old']['tok_s']:.2f}x); identical answers {same:.0%}", flush=True)
     same = sum(a == b for a, b in zip(runs["new"]["responses"], runs["new_unpacked"]["responses"])) / len(prompts)
     result["eval"]["identical_responses_packed_vs_unpacked"] = same
     print(f"  bf16 weights prepacked once: {runs['new']['tok_s']:.1f} tok/s vs {runs['new_unpacked']['tok_s']:.1f} tok/s "
@@ -312,9 +321,10 @@ def main(argv=None) -> int:
         unpacked_model = RolloutModel(student, torch.bfloat16)
     rolls = {"old": None, "new": None, "new_unpacked": None}
     for _ in range(repeats + 1):
-        measured = {"old": run_rollouts(student, tokenizer, instructions, 4, 48, "old"),
-                    "new": run_rollouts(student, tokenizer, instructions, 4, 48, "new", rollout_model),
-                    "new_unpacked": run_rollouts(student, tokenizer, instructions, 4, 48, "new", unpacked_model)}
+        with unpacked():
+            measured = {"old": run_rollouts(student, tokenizer, instructions, 4, 48, "old")}
+        measured.update({"new": run_rollouts(student, tokenizer, instructions, 4, 48, "new", rollout_model),
+                         "new_unpacked": run_rollouts(student, tokenizer, instructions, 4, 48, "new", unpacked_model)})
         rolls = {k: v if rolls[k] is None else best(rolls[k], v) for k, v in measured.items()}
     del unpacked_model
     result["rollouts"] = {**{k: {kk: vv for kk, vv in v.items() if kk != "sequences"} for k, v in rolls.items()},

@@ -1,5 +1,5 @@
-"""core.prepack: bf16 linear layers with weights reordered once for oneDNN give the plain layers' exact outputs,
-and every weight comes back afterwards."""
+"""core.prepack: linear layers with weights reordered once for oneDNN give the plain layers' outputs (bf16: exactly,
+float32: to rounding), and every weight comes back afterwards."""
 
 from unittest import mock
 
@@ -85,8 +85,9 @@ def test_skip_fp32_and_hooks(smol_tokenizer):
             model(input_ids=torch.tensor([[1, 2, 3]]))
     handle.remove()
     assert seen and seen[0][-1] == model.config.intermediate_size
-    assert not packable(torch.nn.Linear(4, 4))  # float32
-    assert packable(torch.nn.Linear(4, 4).to(torch.bfloat16))
+    assert packable(torch.nn.Linear(4, 4)) and packable(torch.nn.Linear(4, 4).to(torch.bfloat16))
+    assert not packable(torch.nn.Linear(4, 4).to(torch.float16))
+    assert not packable(torch.nn.Embedding(4, 4)) and not packable(torch.nn.Conv1d(4, 4, 1))
 
 
 def test_generation_precision_packs_the_cast_layers_and_puts_the_float32_originals_back(smol_tokenizer):
@@ -112,3 +113,17 @@ def test_without_the_reorder_nothing_is_packed(smol_tokenizer):
     model = _bf16_model(smol_tokenizer)
     with mock.patch.object(prepack, "prepack_available", lambda: False), prepacked_linears(model) as n:
         assert n == 0
+
+
+def test_float32_layers_agree_to_rounding_and_come_back_bit_for_bit(smol_tokenizer):
+    tok = smol_tokenizer
+    model = make_tiny_model(tok, n_layers=2, hidden=64).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, len(tok), (3, 9))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with prepacked_linears(model) as n:
+            assert n == len(_linears(model))
+            packed = model(input_ids=ids).logits
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)  # oneDNN's order of summation, not MKL's
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

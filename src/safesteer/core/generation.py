@@ -116,8 +116,8 @@ def generation_precision(model: Any, dtype: torch.dtype | str | None):
 
     Casts in place (`param.data`), so the module objects, and every hook or adapter switch bound to
     them, stay the same; tied weights are cast once. Buffers (rotary frequencies) keep their dtype, as
-    loading a model in bf16 leaves them. Frozen bf16 linear layers on a CPU (cast here or stored so) run
-    with prepacked weights inside the block (`core.prepack`: identical outputs). Not for sharded
+    loading a model in bf16 leaves them. Linear layers on a CPU run with prepacked weights inside the
+    block (`core.prepack`: bit-identical outputs in bf16, float32 rounding apart in float32). Not for sharded
     (FSDP/ZeRO) weights. Peak memory: the original weights plus their cast copy. Yields whether anything
     was cast.
     """
@@ -137,8 +137,8 @@ def generation_precision(model: Any, dtype: torch.dtype | str | None):
         with torch.no_grad():
             for p, data in saved:
                 p.data = data.to(dtype)
-        # bf16 linear layers on a CPU multiply with weights reordered once (core.prepack: same results, faster);
-        # their bf16 copies are emptied meanwhile, and the originals put back below.
+        # Linear layers on a CPU multiply with weights reordered once for oneDNN (core.prepack: faster; bf16 gives
+        # the same results, float32 the same up to rounding); cast copies are emptied meanwhile, originals put back below.
         packed = prepack_linears(model)
         yield bool(saved)  # True when something was cast
     finally:

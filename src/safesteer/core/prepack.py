@@ -1,23 +1,28 @@
-"""Frozen bf16 linear layers on a CPU, with their weights prepacked once for oneDNN.
+"""Linear layers on a CPU, with their weights prepacked once for oneDNN, for no-grad work.
 
     with prepacked_linears(model):                   # inside generation_precision: automatic
-        model.generate(...)                          # same tokens, faster at small batches
+        model.generate(...)                          # the same answers, faster at small batches
     handle = prepack_linears(copy, skip=trained)     # a persistent sampling copy (train.rollout)
 
 Why: on a CPU a bf16 `linear` hands its weight to oneDNN, which reorders it into a blocked layout on
 every call. At the batch sizes of generation (one new token per row) that reorder costs as much as
 the product: on the default model's MLP ([8, 896] x [896, 4864]) 0.37 ms plain against 0.19 ms with
 the weight reordered once; on its output head ([8, 896] x [896, 151936]) 21 ms against 12 ms. The
-prepacked product is oneDNN's own kernel on the same layout, i.e. the same arithmetic in the same order:
-its outputs are bit-identical to the plain call's (tests/core/test_prepack.py checks that on a model).
-torch.compile's CPU freezing does the same reorder; this is that one step without compiling.
+prepacked product is oneDNN's own kernel on the same layout, i.e. the same arithmetic in the same
+order: in bf16 its outputs are bit-identical to the plain call's (tests/core/test_prepack.py checks
+that on a model). A float32 `linear` goes to MKL's sgemm instead, which on these cores runs the
+model's shapes at about half of oneDNN's speed (the MLP's [3500, 896] x [896, 4864]: 92 against 182
+GFLOP/s; [8, 896] x [896, 4864]: 1.6 against 0.43 ms): packed float32 layers take oneDNN's kernel,
+as precise but summing in another order, so their outputs differ from MKL's at float32 rounding
+(~1e-6 relative). torch.compile's CPU freezing does the same reorder; this is that one step
+without compiling.
 
-Only plain `nn.Linear` modules with a bf16 weight on the CPU are packed, for no-grad work (`skip` names
-layers a caller still updates while packed, e.g. a LoRA adapter synced into a sampling copy). A packed
-layer's own weight tensor is emptied while packed, so the weights are not held twice; a weight
-another module shares (a head tied to the input embedding) is packed and left in place. Undoing puts
-every weight back (from the packed copy, bit for bit) except those the caller restores itself
-(`generation_precision` puts the float32 originals back).
+Only plain `nn.Linear` modules with a bf16 or float32 weight on the CPU are packed (`skip` names
+layers a caller still updates while packed, e.g. a LoRA adapter synced into a sampling copy). A
+packed layer's own weight tensor is emptied while packed, so the weights are not held twice; a
+weight another module shares (a head tied to the input embedding) is packed and left in place.
+Undoing puts every weight back (from the packed copy, bit for bit) except those the caller restores
+itself (`generation_precision` puts the float32 originals back).
 """
 
 from __future__ import annotations
@@ -50,16 +55,16 @@ def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
 
 
 def packable(module: nn.Module) -> bool:
-    """A plain linear layer with a bf16 weight on the CPU (subclasses, e.g. quantised layers, excluded).
+    """A plain linear layer with a bf16 or float32 weight on the CPU (subclasses, e.g. quantised layers, excluded).
 
     Packed layers have no backward: pack only for no-grad work (generation, scoring forwards)."""
     if type(module) is not nn.Linear:
         return False
     w = module.weight
-    # The shape check leaves out weights a sharding wrapper (FSDP) has flattened or freed between forwards.
-    return (w.dtype == torch.bfloat16 and w.device.type == "cpu"
+    # Plain tensors of the layer's own shape only: FSDP2 holds DTensor shards, FSDP1 flattens or frees weights.
+    return (type(w.data) is torch.Tensor and w.dtype in (torch.bfloat16, torch.float32) and w.device.type == "cpu"
             and tuple(w.shape) == (module.out_features, module.in_features)
-            and (module.bias is None or module.bias.dtype == torch.bfloat16))
+            and (module.bias is None or module.bias.dtype == w.dtype))
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:
