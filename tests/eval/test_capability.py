@@ -82,24 +82,3 @@ def test_kl_drift_of_a_model_against_itself_is_zero(tiny_model, smol_tokenizer):
     # Chunking does not change the numbers.
     chunked = [r["kl_sum"] for r in token_drift(entry, other, prompts, completions, 1000)]
     assert [r["kl_sum"] for r in moved] == pytest.approx(chunked, rel=1e-4)
-
-
-def test_kl_drift_with_prepacked_layers_equals_the_plain_layers_and_leaves_the_weights(tiny_model, smol_tokenizer):
-    """token_drift runs both models with oneDNN-prepacked float32 layers (core.prepack): the same KL to
-    rounding, and both models get every weight back."""
-    from unittest import mock
-
-    from safesteer.core import prepack
-
-    prompts = ["Say hello.", "Name three colours, please."]
-    completions = [[100, 200, 300, 2], [1000, 1001, 1002]]
-    other_model = perturbed_copy(tiny_model)
-    before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in (tiny_model, other_model)]
-    entry, other = ModelEntry("base", tiny_model, smol_tokenizer), ModelEntry("perturbed", other_model, smol_tokenizer)
-    packed = token_drift(entry, other, prompts, completions)
-    with mock.patch.object(prepack, "prepack_available", lambda: False):
-        plain = token_drift(entry, other, prompts, completions)
-    assert [r["kl_sum"] for r in packed] == pytest.approx([r["kl_sum"] for r in plain], rel=1e-3)
-    assert [r["agree"] for r in packed] == [r["agree"] for r in plain]
-    for m, saved in zip((tiny_model, other_model), before):
-        assert all(torch.equal(p, saved[n]) for n, p in m.named_parameters())

@@ -129,14 +129,13 @@ def mmlu_letter_logprobs(model: Any, tokenizer: Any, rows: list[dict], batch_siz
 
     from ..core.anatomy import format_prompts, output_head
     from ..core.forward import final_hidden_states, model_device
-    from ..core.prepack import prepacked_linears
 
     letters = letter_token_ids(tokenizer)
     head = output_head(model)
     texts = format_prompts(tokenizer, [mmlu_prompt(r) for r in rows])
     tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = torch.empty(len(rows), len(MMLU_LETTERS))
-    with torch.no_grad(), prepacked_linears(model):  # core.prepack: oneDNN's kernels, ~2x MKL's float32 here
+    with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = tokens[start:start + batch_size]
             ids, mask = _right_padded(batch, _pad_id(tokenizer), model_device(model))
@@ -207,7 +206,6 @@ def token_drift(reference: Any, entry: Any, prompt_texts: list[str], completions
 
     from ..core.anatomy import format_prompts, output_head
     from ..core.forward import final_hidden_states, model_device
-    from ..core.prepack import prepacked_linears
 
     tokenizer = reference.tokenizer
     formatted = format_prompts(tokenizer, prompt_texts)
@@ -219,8 +217,7 @@ def token_drift(reference: Any, entry: Any, prompt_texts: list[str], completions
     for i, (p, c) in enumerate(zip(prompt_ids, completions)):
         scored[i, len(p) - 1:len(p) + len(c) - 1] = True
     rows, cols = scored.nonzero(as_tuple=True)
-    # Prepacked linear layers (core.prepack): oneDNN's float32 kernel, ~2x MKL's here, equal to rounding.
-    with torch.no_grad(), prepacked_linears(reference.model), prepacked_linears(entry.model):
+    with torch.no_grad():
         with _ctx(reference):
             h_ref = final_hidden_states(reference.model, ids, mask)[rows, cols]
         with _ctx(entry):

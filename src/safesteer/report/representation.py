@@ -35,14 +35,13 @@ def prompt_states(model: Any, tokenizer: Any, prompts: Sequence[Any], pool: str 
 
     from ..core.anatomy import format_prompts
     from ..core.forward import final_hidden_states, model_device, positions_from_mask
-    from ..core.prepack import prepacked_linears
 
     if pool not in ("last", "mean"):
         raise SafesteerError(f"unknown pooling '{pool}'; use last or mean")
     device = model_device(model)
     formatted = format_prompts(tokenizer, prompt_texts(prompts))
     out = []
-    with torch.no_grad(), prepacked_linears(model):  # core.prepack: oneDNN's kernels, ~2x MKL's float32 here
+    with torch.no_grad():
         for start in range(0, len(formatted), batch_size):
             enc = tokenizer(formatted[start: start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
