@@ -336,7 +336,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: list[Prompt], config
     todo.sort(key=lambda item: lengths[item[0].uid])
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="resp")
     t0 = time.time()
-    with generation_precision(model, config.dtype if todo else None):  # cast once for all batches
+    # Cast (and prepack) once for all batches; nothing at all when every answer is already there.
+    with generation_precision(model, config.dtype) if todo else contextlib.nullcontext():
         new_tokens = _generate_todo(model, tokenizer, todo, config, key, settings, done, eot_ids, context, out_path, bar)
     bar.close()
     stats = GenerationStats(generated=len(todo), new_tokens=new_tokens, seconds=time.time() - t0)

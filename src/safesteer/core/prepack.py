@@ -89,11 +89,12 @@ class Prepacked:
         """Unpack every layer. Emptied weights get their values back from the packed copies (exact), except
         those in `restored_elsewhere`, which the caller puts back itself (`generation_precision`)."""
         elsewhere = {id(p) for p in restored_elsewhere}
-        for module, weight, packed, emptied in reversed(self.layers):
+        while self.layers:  # one layer at a time, so each packed copy is freed as its weight comes back
+            module, weight, packed, emptied = self.layers.pop()
             module.__dict__.pop("forward", None)
             if emptied and id(weight) not in elsewhere:
                 weight.data = packed.to_dense()
-        self.layers.clear()
+            del packed
 
 
 @torch.no_grad()
