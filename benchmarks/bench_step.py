@@ -10,12 +10,13 @@ new        the code `safesteer align` runs with the cpu preset: LoRA student on 
            same CPUs), and a loss that skips activation checkpointing for a lone chunk (Trainer.train_step).
 old        the same design as it was before issue #11: float32 training, rollouts from the float32 student with
            the float64 Gumbel forward-hook sampler (reproduced in bench_generate.py), the lone loss chunk
-           checkpointed.
+           checkpointed, linear layers without core.prepack.
 new, all layers (--all-layers)
            new with the adapter on every layer (no shared lower pass).
 reference  the released code's design: full fine-tune of the student, a second fp32 copy of the model
            as the teacher, a full-vocabulary log_softmax materialised for both models before the S
-           columns are gathered; rollouts sampled from the float32 student with transformers' own sampler.
+           columns are gathered; rollouts sampled from the float32 student with transformers' own sampler
+           (linear layers without core.prepack).
 
 Each design runs in its own subprocess, so its peak RSS (getrusage ru_maxrss) is its own and includes
 sampling (and the bf16 copy). Every design first scores one shared batch (sampled once, in another
@@ -118,6 +119,14 @@ def _prompts(args) -> list[str]:
     return [p.text for p in stage_prompts(None, "train", "harmful")[: args.prompts]]
 
 
+def _without_prepacking() -> None:
+    """Linear layers as before core.prepack (MKL's float32 sgemm, oneDNN's per-call weight reorder in bf16): what the
+    old and reference designs ran with."""
+    from safesteer.core import prepack
+
+    prepack.prepack_available = lambda: False
+
+
 def _trainer_worker(args, lora_layers: str, old: bool) -> dict:
     import safesteer.core.loss as loss_module
     import safesteer.train.trainer as trainer_module
@@ -131,6 +140,7 @@ def _trainer_worker(args, lora_layers: str, old: bool) -> dict:
                          max_new_tokens=args.max_new_tokens,
                          generation_dtype="float32" if old else "auto", bf16="off" if old else "auto")
     if old:  # the code path before issue #11
+        _without_prepacking()
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_generate import _old_seeded_sampling
 
@@ -171,6 +181,7 @@ def worker_reference(args) -> dict:
 
     from safesteer.train.rollout import sample_rollouts
 
+    _without_prepacking()
     model, tokenizer, spec, ids = _setup(args)
     batch = _load_batch(args.batch_file)
     student = model.requires_grad_(True)
