@@ -70,9 +70,9 @@ def test_a_tied_head_is_packed_without_emptying_the_embedding(smol_tokenizer):
     assert head.weight is embed.weight
 
 
-def test_skip_fp32_and_hooks(smol_tokenizer):
-    """Skipped names stay plain, float32 layers are not packable, a second pack packs nothing, forward hooks
-    on a packed layer still run."""
+def test_skip_nesting_hooks_and_what_is_packable(smol_tokenizer):
+    """Skipped names stay plain, a second pack packs nothing, forward hooks on a packed layer still run; plain
+    bf16 and float32 linear layers are packable, fp16 ones and other module types are not."""
     model = _bf16_model(smol_tokenizer)
     skip = {"model.layers.0.mlp.down_proj"}
     seen = []

@@ -7,15 +7,16 @@
 Why: on a CPU a bf16 `linear` hands its weight to oneDNN, which reorders it into a blocked layout on
 every call. At the batch sizes of generation (one new token per row) that reorder costs as much as
 the product: on the default model's MLP ([8, 896] x [896, 4864]) 0.37 ms plain against 0.19 ms with
-the weight reordered once; on its output head ([8, 896] x [896, 151936]) 21 ms against 12 ms. The
+the weight reordered once; on its output head ([8, 896] x [896, 151936]) ~20 ms against 12 ms. The
 prepacked product is oneDNN's own kernel on the same layout, i.e. the same arithmetic in the same
 order: in bf16 its outputs are bit-identical to the plain call's (tests/core/test_prepack.py checks
-that on a model). A float32 `linear` goes to MKL's sgemm instead, which on these cores runs the
-model's shapes at about half of oneDNN's speed (the MLP's [3500, 896] x [896, 4864]: 92 against 182
-GFLOP/s; [8, 896] x [896, 4864]: 1.6 against 0.43 ms): packed float32 layers take oneDNN's kernel,
-as precise but summing in another order, so their outputs differ from MKL's at float32 rounding
-(~1e-6 relative). torch.compile's CPU freezing does the same reorder; this is that one step
-without compiling.
+that on a model). A float32 `linear` goes to MKL's sgemm instead, which on these cores is slower than
+oneDNN at generation's row counts ([1, 896] x [896, 4864]: 1.28 against 0.50 ms; 16 rows: 2.3
+against 1.6 ms) and as fast at thousands of rows ([3500, 896] x [896, 4864]: 178 against 175 ms):
+packed float32 layers take oneDNN's kernel, as precise but summing in another order, so their
+outputs differ from MKL's at float32 rounding (~1e-6 relative); float32 greedy generation of the
+default model ran 1.7-2x faster with them. torch.compile's CPU freezing does the same reorder; this
+is that one step without compiling.
 
 Only plain `nn.Linear` modules with a bf16 or float32 weight on the CPU are packed (`skip` names
 layers a caller still updates while packed, e.g. a LoRA adapter synced into a sampling copy). A

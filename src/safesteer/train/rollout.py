@@ -109,7 +109,6 @@ class RolloutModel:
         weights = [p for p in student.parameters() if p.is_floating_point()]
         if dtype is not None and any(p.dtype != dtype for p in weights):
             from ..core.generation import contiguous_head_input
-
             from ..core.prepack import prepack_linears
 
             self.copy = _low_precision_copy(student, dtype)
