@@ -7,10 +7,13 @@ new        the code `safesteer align` runs with the cpu preset: LoRA student on 
            (teacher = adapter off + steering hook, one shared no-grad pass below that layer), rollouts from a
            persistent bf16 copy of the student (generation_dtype auto, on a CPU with avx512_bf16/AMX) with the
            per-row inverse-CDF sampler, bf16 autocast of the decoder layers with float32 output heads (bf16 auto,
-           same CPUs), and a loss that skips activation checkpointing for a lone chunk (Trainer.train_step).
+           same CPUs), and a loss that skips activation checkpointing for a lone chunk and computes S's
+           log-probabilities, the rest bucket and their gradient from one pass of exponentials
+           (core.loss._SliceLogProbs) (Trainer.train_step).
 old        the same design as it was before issue #11: float32 training, rollouts from the float32 student with
            the float64 Gumbel forward-hook sampler (reproduced in bench_generate.py), the lone loss chunk
-           checkpointed, linear layers without core.prepack.
+           checkpointed, the loss's plain autograd formulas (core.loss.FUSED_SLICE off), linear layers without
+           core.prepack.
 new, all layers (--all-layers)
            new with the adapter on every layer (no shared lower pass).
 reference  the released code's design: full fine-tune of the student, a second fp32 copy of the model
@@ -145,6 +148,7 @@ def _trainer_worker(args, lora_layers: str, old: bool) -> dict:
         from bench_generate import _old_seeded_sampling
 
         loss_module.CHECKPOINT_SINGLE_CHUNK = True
+        loss_module.FUSED_SLICE = False
         trainer_module.seeded_sampling = _old_seeded_sampling
     prompts = _prompts(args)
     with tempfile.TemporaryDirectory() as out:

@@ -194,7 +194,7 @@ def record_representation(args: argparse.Namespace, out: Path, base: Any, aligne
     spec = load_direction(args.direction or out, base.model)
     prompts = seeded_subset(builtin_splits(args.split_seed)["benign"]["eval"], REPRESENTATION_PROMPTS, 0)
     result = representation_shift(base.model, base.tokenizer, lambda: spec.teacher(base.model), aligned.model, prompts,
-                                  run_dir=out, base_ctx=base.context)
+                                  run_dir=out, base_ctx=base.context, teacher_layer=spec.layer)
     print("representation shift (mean distance from the base's final hidden states, relative to their spread): "
           + ", ".join(f"{name} {s['relative_to_base_spread']:.3f}" for name, s in result["shift"].items())
           + f" on {len(prompts)} benign prompts ({result['seconds']:.0f} s)")

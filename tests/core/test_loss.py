@@ -442,3 +442,66 @@ def test_sequence_weights_skip_empty_sequences_and_are_checked():
         distillation_loss(student, teacher, s_head, t_head, SAFETY_IDS, mask, sequence_weights=torch.ones(2))
     with pytest.raises(SafesteerError, match="position_weights must be >= 0"):
         distillation_loss(student, teacher, s_head, t_head, SAFETY_IDS, mask, position_weights=-torch.ones(B, T))
+
+
+def test_fused_slice_gradients_are_exact_in_float64():
+    """_SliceLogProbs' hand-written backward against finite differences, for ls and the rest bucket at once,
+    also on a row where S holds nearly all of the mass."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 12, dtype=torch.float64) * 3
+    logits[1, [2, 5]] += 25.0  # S (below) holds ~all the mass of this row
+    logits.requires_grad_(True)
+    ids = torch.tensor([2, 5, 9])
+
+    def f(x):
+        ls, rest, _, _ = loss_module._SliceLogProbs.apply(x, ids, False)
+        return ls, rest
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_fused_slice_matches_the_plain_formulas(with_entropy):
+    """The fused slice (one pass of exponentials, own backward) and the plain autograd formulas give the same S
+    log-probs, rest bucket, entropy and normaliser, and the same gradients for any upstream gradient."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 400, generator=g) * 4
+    logits[0, SAFETY_IDS] += 20.0  # a confident refusal opener
+    ids = SAFETY_IDS
+    up_ls, up_rest = torch.randn(6, len(ids), generator=g), torch.randn(6, generator=g)
+    outputs, grads = [], []
+    for fn in (loss_module._SliceLogProbs.apply, loss_module._plain_slice_logprobs):
+        x = logits.clone().requires_grad_(True)
+        ls, rest, entropy, lse = fn(x, ids, with_entropy)
+        ((ls * up_ls).sum() + (rest * up_rest).sum()).backward()
+        outputs.append((ls.detach(), rest.detach(), entropy, lse))
+        grads.append(x.grad)
+    (ls, rest, entropy, lse), (ls0, rest0, entropy0, lse0) = outputs
+    for fused, plain in ((ls, ls0), (rest, rest0), (lse, lse0)):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    if with_entropy:
+        # lse - E_p[x] cancels ~20-nat terms in float32: a logged statistic, good to ~1e-4 nats.
+        expected = Categorical(logits=logits.double()).entropy().float()
+        torch.testing.assert_close(entropy, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(entropy0, expected, rtol=0, atol=1e-4)
+    else:
+        assert outputs[0][2].numel() == 0
+
+
+def test_the_plain_path_gives_the_same_loss(monkeypatch):
+    """FUSED_SLICE = False (the code path bench_step.py times as before) computes the same loss and gradients."""
+    s_head, t_head = make_head(1), make_head(2).requires_grad_(False)
+    student, teacher, mask, targets = make_batch(5)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(loss_module, "FUSED_SLICE", fused)
+        hidden = student.clone().requires_grad_(True)
+        out = distillation_loss(hidden, teacher, s_head, t_head, SAFETY_IDS, mask, "localized_bucket", 3,
+                                target_ids=targets)
+        out.loss.backward()
+        results.append((out.loss.detach(), hidden.grad, out.stats))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+    for key in results[0][2]:
+        assert results[0][2][key] == pytest.approx(results[1][2][key], rel=1e-5, abs=1e-7)

@@ -127,3 +127,18 @@ def test_float32_layers_agree_to_rounding_and_come_back_bit_for_bit(smol_tokeniz
             packed = model(input_ids=ids).logits
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)  # oneDNN's order of summation, not MKL's
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_packed_copy_computes_the_layer_and_leaves_it_alone():
+    from torch import nn
+
+    from safesteer.core.prepack import packed_copy
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 40, bias=True)
+    weight = layer.weight.detach().clone()
+    run = packed_copy(layer)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(run(x), layer(x), rtol=1e-5, atol=1e-5)  # oneDNN's float32 rounding, not MKL's
+    assert torch.equal(layer.weight, weight) and "forward" not in layer.__dict__  # nothing packed in place
+    assert packed_copy(nn.Linear(4, 4).to(torch.float16)) is None and packed_copy(nn.Embedding(4, 4)) is None

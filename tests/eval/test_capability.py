@@ -82,3 +82,30 @@ def test_kl_drift_of_a_model_against_itself_is_zero(tiny_model, smol_tokenizer):
     # Chunking does not change the numbers.
     chunked = [r["kl_sum"] for r in token_drift(entry, other, prompts, completions, 1000)]
     assert [r["kl_sum"] for r in moved] == pytest.approx(chunked, rel=1e-4)
+
+
+def test_kl_drift_runs_the_layers_both_models_share_once(tiny_model, smol_tokenizer, monkeypatch):
+    """A model that differs from the reference only from layer 1 up starts there, from the reference's input
+    to that layer, and its head, equal to the reference's, is packed once: the same numbers as two full
+    forwards with the models' own heads (the packed head rounds differently in float32)."""
+    import safesteer.core.anatomy as anatomy
+    import safesteer.core.prepack as prepack
+    from safesteer.core.anatomy import decoder_layers
+
+    prompts = ["Say hello.", "What is the capital of France?"]
+    completions = [[100, 200, 300, 2], [1000, 1001, 1002]]
+    entry = ModelEntry("base", tiny_model, smol_tokenizer)
+    other = ModelEntry("perturbed", perturbed_copy(tiny_model), smol_tokenizer)  # layer 1 and up differ
+    runs = []
+    # On the layer's attention: a layer handed through still calls its own hooks, not its submodules.
+    handle = decoder_layers(other.model)[0].self_attn.register_forward_hook(lambda *_: runs.append(1))
+    shared = token_drift(entry, other, prompts, completions)
+    assert runs == []  # the other model's layer 0 never ran
+    monkeypatch.setattr(anatomy, "identical_lower_layers", lambda a, b: 0)
+    monkeypatch.setattr(prepack, "packed_copy", lambda module: None)
+    separate = token_drift(entry, other, prompts, completions)
+    handle.remove()
+    assert runs == [1]
+    assert [r["agree"] for r in shared] == [r["agree"] for r in separate]
+    assert [r["kl_sum"] for r in shared] == pytest.approx([r["kl_sum"] for r in separate], rel=1e-4)
+    assert all(r["kl_sum"] > 0 for r in shared)

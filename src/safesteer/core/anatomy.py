@@ -91,6 +91,57 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best[1]
 
 
+# Config entries that do not change what a layer computes (a saved fine-tune records other values).
+_CONFIG_IGNORED = ("transformers_version", "architectures", "torch_dtype", "dtype", "name_or_path")
+
+
+def _computing_config(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    values = {k: v for k, v in (config.to_dict() if config is not None else {}).items()
+              if not k.startswith("_") and k not in _CONFIG_IGNORED}
+    values["attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return values
+
+
+def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
+    """Same parameter and buffer names, dtypes, devices and values, bit for bit."""
+    ta = dict(a.named_parameters()) | dict(a.named_buffers())
+    tb = dict(b.named_parameters()) | dict(b.named_buffers())
+    if ta.keys() != tb.keys():
+        return False
+    return all(x is y or (x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y))
+               for x, y in ((ta[k], tb[k]) for k in ta))
+
+
+@torch.no_grad()
+def identical_lower_layers(a: nn.Module, b: nn.Module) -> int:
+    """How many decoder layers, counted from the bottom, compute the same thing in `a` and `b`: the input
+    embedding and each layer's parameters and buffers are equal bit for bit (same dtype and device) and the
+    configs agree; 0 for different architectures. At most all layers but the last, so a forward of `b` can
+    start at that layer (`core.steering.start_at_layer`) from what `a`'s lower layers wrote.
+
+    A model fine-tuned with adapters on the upper layers only (lora_layers=from_steering, merged or not)
+    shares every layer below them with its base model, so a comparison of the two (KL drift, representation
+    shift) runs those layers once. Plain module calls, hooks and contexts are not seen: a caller that enters
+    one (steering, a disabled adapter) on either model decides itself whether the layers still agree.
+    """
+    a, b = unwrap_model(a), unwrap_model(b)
+    if type(a) is not type(b) or _computing_config(a) != _computing_config(b):
+        return 0
+    ea, eb = a.get_input_embeddings(), b.get_input_embeddings()
+    if ea is None or eb is None or not _same_tensors(ea, eb):
+        return 0
+    la, lb = decoder_layers(a), decoder_layers(b)
+    if len(la) != len(lb):
+        return 0
+    shared = 0
+    for x, y in zip(la[:-1], lb[:-1]):
+        if type(x) is not type(y) or not _same_tensors(x, y):
+            break
+        shared += 1
+    return shared
+
+
 def output_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden [.., d] -> logits [.., V], exactly as the model computes them (incl. Gemma-2 soft-capping)."""
     base = unwrap_model(model)

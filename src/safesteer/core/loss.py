@@ -34,6 +34,10 @@ _STAT_KEYS = ("student_s_mass", "teacher_s_mass", "student_entropy", "sampled_kl
 # to time the previous code path.
 CHECKPOINT_SINGLE_CHUNK = False
 
+# False: the S slice, rest bucket and entropy from the plain autograd formulas (`_plain_slice_logprobs`, the code
+# before `_SliceLogProbs`); benchmarks/bench_step.py sets it to time the previous code path.
+FUSED_SLICE = True
+
 
 @dataclass
 class DistillationOutput:
@@ -65,14 +69,83 @@ def s_slice_logprobs(logits: Tensor, safety_ids: Tensor) -> Tensor:
     return logits.index_select(-1, safety_ids.to(logits.device)) - lse
 
 
-def _log_rest(logits: Tensor, lse: Tensor, s_mask: Tensor) -> Tensor:
-    """log P(token not in S), from the non-S logits directly.
+def _plain_slice_logprobs(logits: Tensor, ids: Tensor, with_entropy: bool = True,
+                          with_rest: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What `_SliceLogProbs` computes, from plain autograd formulas: the same values to float32 rounding,
+    several [R, V] passes and saved tensors more (the rest, empty unless `with_rest`, is a logsumexp over the
+    complement of S)."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    ls = logits.index_select(-1, ids) - lse
+    rest = logits.new_empty(0)
+    if with_rest:
+        in_s = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, ids, True)
+        rest = (torch.logsumexp(logits.masked_fill(in_s, float("-inf")), dim=-1) - lse.squeeze(-1)).clamp(min=_LOG_FLOOR)
+    entropy = logits.new_empty(0)
+    if with_entropy:
+        with torch.no_grad():
+            logp = logits - lse
+            entropy = -(logp.exp() * logp).sum(-1)
+    return ls, rest, entropy, lse.squeeze(-1).detach()
 
-    log1p(-sum_S p) loses all precision when S holds nearly all the mass (a confident refusal
-    opener does exactly that); a logsumexp over the complement does not.
+
+def _slice_logprobs(logits: Tensor, ids: Tensor, with_entropy: bool = True,
+                    with_rest: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(ls [R, K], rest [R], entropy [R], lse [R]) of logits [R, V], see `_SliceLogProbs`; the plain path leaves
+    out what is not asked for (an empty tensor), the fused one computes the rest bucket anyway (one sum)."""
+    if FUSED_SLICE:
+        return _SliceLogProbs.apply(logits, ids, with_entropy)
+    return _plain_slice_logprobs(logits, ids, with_entropy, with_rest)
+
+
+class _SliceLogProbs(torch.autograd.Function):
+    """logits [R, V] -> (ls [R, K], rest [R], entropy [R], lse [R]): full-softmax log-probabilities at S, the
+    log-probability of the rest of the vocabulary (clamped at _LOG_FLOOR), and, without
+    gradient, the entropy (empty unless `with_entropy`) and the log-normaliser, all from one [R, V] tensor
+    of exponentials.
+
+    The plain formulas (`s_slice_logprobs`, a logsumexp over the complement of S, an entropy) under autograd walk the [R, V] logits a
+    dozen times and save several [R, V] tensors for backward (logsumexp's, the masked copy's); on the default
+    model a chunk is ~600 x 151,936 floats, so those elementwise passes cost as much as the output head.
+    Here forward makes e = exp(logits - max) once, sums it (normaliser), zeroes S in place and sums again
+    (the rest, over its own terms: no cancellation when S holds nearly all the mass), and keeps e for
+    backward, which writes the gradient in one pass: with p = softmax(logits), g_k = dL/d ls_k, G = sum_k g_k,
+    g_r = dL/d rest and P_r = P(not S),
+        dL/dx_v = p_v (g_r / P_r - G - g_r)       for v not in S,
+        dL/dx_v = g_k - p_v (G + g_r)             for v = s_k.
     """
-    rest = torch.logsumexp(logits.masked_fill(s_mask, float("-inf")), dim=-1) - lse.squeeze(-1)
-    return rest.clamp(min=_LOG_FLOOR)
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, with_entropy: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        top = logits.amax(dim=-1, keepdim=True)
+        e = logits - top
+        e.exp_()
+        total = e.sum(dim=-1, keepdim=True)
+        lse = top + total.log()
+        ls = logits.index_select(-1, ids) - lse
+        entropy = logits.new_empty(0)
+        # lse - sum_v p_v x_v, the dot product as a batched one (no [R, V] product tensor); the difference of two
+        # logit-sized numbers, so good to ~1e-5 nats in float32: a logged statistic, not part of the loss.
+        if with_entropy:
+            entropy = (lse - torch.einsum("rv,rv->r", e, logits).unsqueeze(-1) / total).squeeze(-1)
+        e.index_fill_(-1, ids, 0.0)
+        rest_sum = e.sum(dim=-1, keepdim=True)
+        rest = (rest_sum.log() - total.log()).squeeze(-1).clamp(min=_LOG_FLOOR)
+        ctx.save_for_backward(e, total, rest_sum, ls, rest, ids)
+        ctx.mark_non_differentiable(entropy, lse)
+        return ls, rest, entropy, lse.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g_ls: Tensor | None, g_rest: Tensor | None, _g_entropy, _g_lse):
+        e, total, rest_sum, ls, rest, ids = ctx.saved_tensors
+        g_ls = torch.zeros_like(ls) if g_ls is None else g_ls
+        g_rest = torch.zeros_like(rest) if g_rest is None else g_rest
+        # The clamp at the floor passes no gradient (nor does a rest that underflowed to 0).
+        g_rest = torch.where(rest > _LOG_FLOOR, g_rest, 0.0).unsqueeze(-1)
+        big_g = g_ls.sum(dim=-1, keepdim=True)
+        per_rest = torch.where(rest_sum > 0, g_rest / rest_sum.clamp(min=torch.finfo(rest_sum.dtype).tiny), 0.0)
+        grad = e * (per_rest - (big_g + g_rest) / total)  # the columns of S are 0 in e, filled next
+        grad.index_copy_(-1, ids, g_ls - ls.exp() * (big_g + g_rest))
+        return grad, None, None
 
 
 def _check_inputs(student_hidden, teacher_hidden, safety_ids, mask, variant, chunk_size, target_ids) -> None:
@@ -153,21 +226,19 @@ def _no_valid_positions(student_hidden: Tensor, with_targets: bool) -> Distillat
     return DistillationOutput(loss=zero, per_sequence=per_sequence, stats=stats)
 
 
-def _safety_mask(vocab_size: int, ids: Tensor, targets: Tensor | None, variant: str, device: torch.device) -> Tensor:
-    """[V] bool, True on S, once S (and the targets) are checked against the head's vocabulary."""
+def _check_safety_ids(vocab_size: int, ids: Tensor, targets: Tensor | None, variant: str) -> None:
+    """S (and the targets) checked against the head's vocabulary."""
     _check_vocab(vocab_size, ids, targets)
     if variant == "localized_bucket" and ids.numel() == vocab_size:
         raise SafesteerError("localized_bucket needs tokens outside S, but S is the whole vocabulary")
-    s_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-    s_mask[ids] = True
-    return s_mask
 
 
-def _variant_loss(variant: str, logits: Tensor, lse: Tensor, ls: Tensor, lt: Tensor, lt_rest: Tensor,
-                  s_mask: Tensor, teacher_head: Callable[[Tensor], Tensor], th: Tensor) -> Tensor:
-    """The loss at each position of a chunk: from the student's logits, their logsumexp `lse` and S slice
-    `ls`, and the teacher's S slice `lt` (in ls's dtype); "localized_bucket" also takes the teacher's rest
-    bucket `lt_rest`, "full_reverse" the teacher's hidden states `th` (its head is applied here, under no_grad)."""
+def _variant_loss(variant: str, logits: Tensor, lse: Tensor, ls: Tensor, ls_rest: Tensor, lt: Tensor,
+                  lt_rest: Tensor, teacher_head: Callable[[Tensor], Tensor], th: Tensor) -> Tensor:
+    """The loss at each position of a chunk: from the student's S slice `ls` and the teacher's `lt` (in ls's
+    dtype); "localized_bucket" also takes both rest buckets `ls_rest`, `lt_rest`; "full_reverse" the
+    student's logits and their logsumexp `lse` and the teacher's hidden states `th` (its head is applied
+    here, under no_grad)."""
     if variant == "localized":
         return _sum_p_log_ratio(ls, lt)
     if variant == "localized_renorm":
@@ -175,7 +246,6 @@ def _variant_loss(variant: str, logits: Tensor, lse: Tensor, ls: Tensor, lt: Ten
     if variant == "localized_forward":
         return _sum_p_log_ratio(lt, ls)
     if variant == "localized_bucket":
-        ls_rest = _log_rest(logits, lse, s_mask)
         lt_all = torch.cat([lt, lt_rest.to(ls.dtype).unsqueeze(-1)], dim=-1)
         return _normalised_reverse_kl(torch.cat([ls, ls_rest.unsqueeze(-1)], dim=-1), lt_all)
     # full_reverse
@@ -266,7 +336,6 @@ def distillation_loss(
         targets = target_ids.to(device).reshape(-1).index_select(0, flat_pos).long()
     ids = safety_ids.to(device).long()
     vocab_size = -1  # learnt from the first teacher chunk
-    s_mask = torch.empty(0, dtype=torch.bool, device=device)
 
     def student_chunk(h: Tensor, lt: Tensor, lt_rest: Tensor, th: Tensor, tgt: Tensor) -> tuple[Tensor, ...]:
         logits = _upcast(student_head(h))
@@ -275,15 +344,21 @@ def distillation_loss(
                 f"student head gives {logits.shape[-1]} logits but teacher head {vocab_size}; "
                 "student and teacher must share a vocabulary"
             )
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        ls = logits.index_select(-1, ids) - lse
-        loss = _variant_loss(variant, logits, lse, ls, lt.to(ls.dtype), lt_rest, s_mask, teacher_head, th)
+        if variant == "full_reverse":
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            ls, ls_rest = logits.index_select(-1, ids) - lse, empty
+            loss = _variant_loss(variant, logits, lse, ls, ls_rest, lt.to(ls.dtype), lt_rest, teacher_head, th)
+            with torch.no_grad():
+                logp = logits - lse
+                entropy = -(logp.exp() * logp).sum(-1)
+        else:
+            ls, ls_rest, entropy, lse = _slice_logprobs(logits, ids, with_rest=variant == "localized_bucket")
+            lse = lse.unsqueeze(-1)
+            loss = _variant_loss(variant, logits, lse, ls, ls_rest, lt.to(ls.dtype), lt_rest, teacher_head, th)
         # Statistics last: checkpoint's recomputation in backward stops after the last saved tensor.
         with torch.no_grad():
-            logp = logits - lse
             s_mass = ls.exp().sum(-1)
-            entropy = -(logp.exp() * logp).sum(-1)
-            logp_target = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) if tgt.numel() else tgt.float()
+            logp_target = (logits.gather(-1, tgt.unsqueeze(-1)) - lse).squeeze(-1) if tgt.numel() else tgt.float()
         return loss, s_mass, entropy, logp_target
 
     rows = chunk_size * batch
@@ -299,10 +374,10 @@ def distillation_loss(
             t_logits = _upcast(teacher_head(th))
             if vocab_size < 0:
                 vocab_size = t_logits.shape[-1]
-                s_mask = _safety_mask(vocab_size, ids, targets, variant, t_logits.device)
-            t_lse = torch.logsumexp(t_logits, dim=-1, keepdim=True)
-            lt = t_logits.index_select(-1, ids) - t_lse
-            lt_rest = _log_rest(t_logits, t_lse, s_mask) if variant == "localized_bucket" else empty
+                _check_safety_ids(vocab_size, ids, targets, variant)
+            lt, lt_rest, _, t_lse = _slice_logprobs(t_logits, ids, False, variant == "localized_bucket")
+            t_lse = t_lse.unsqueeze(-1)
+            lt_rest = lt_rest if variant == "localized_bucket" else empty
             sums["teacher_s_mass"] += lt.exp().sum()
             if tgt.numel():
                 t_logp_target = (t_logits.gather(-1, tgt.unsqueeze(-1)) - t_lse).squeeze(-1)

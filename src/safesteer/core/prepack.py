@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -116,6 +116,25 @@ def prepack_linears(model: nn.Module, skip: Collection[str] = ()) -> Prepacked:
             weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
         handle.layers.append((module, weight, packed, emptied))
     return handle
+
+
+def packed_copy(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A no-grad function computing `module(x)` from a copy of its weight packed once for oneDNN, the module
+    itself left as it is; None where the module is not `packable` or this build cannot pack.
+
+    For a frozen output head scoring many rows at a time (KL drift): float32 [128, 896] x [896, 151936]
+    1.7 ms per row packed against 2.4 plain (2.97 at 64 rows). The copy costs the weight's size again
+    while the function lives; packing it takes ~0.14 s."""
+    if not (prepack_available() and packable(module)):
+        return None
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
+    bias = None if module.bias is None else module.bias.detach()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _packed_forward(packed, bias, x)
+    return run
 
 
 @contextlib.contextmanager

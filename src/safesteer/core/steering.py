@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -257,6 +257,37 @@ def capture_layer_input(model: nn.Module, layer: int, **forward_kwargs) -> Layer
     if "hidden" not in found:
         raise SafesteerError(f"the forward never reached decoder layer {layer}; this architecture is not supported")
     return LayerInput(layer=layer, hidden=found["hidden"], output_arity=found.get("arity"))
+
+
+@contextmanager
+def recording_layer_inputs(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[int, LayerInput]]:
+    """While open, every forward of `model` records the residual stream entering each decoder layer in
+    `layers`; the dict yielded holds the last forward's, as LayerInputs another model's forward can start
+    from (`start_at_layer`). Unlike `capture_layer_input` the forward runs to the end; inputs are taken
+    before any other forward pre-hook of the layer runs, as there."""
+    blocks = decoder_layers(model)
+    wanted = sorted(set(layers))
+    if any(not 0 <= i < len(blocks) for i in wanted):
+        raise SafesteerError(f"layers {wanted} are out of range for a model with {len(blocks)} decoder layers")
+    found: dict[int, LayerInput] = {}
+    arity: dict = {}
+
+    def record(index):
+        def pre_hook(_module, args, kwargs):
+            found[index] = LayerInput(layer=index, hidden=hidden_of(args, kwargs)[0],
+                                      output_arity=arity.get("n") if index > 0 else None)
+        return pre_hook
+
+    def count(_module, _args, output):
+        arity["n"] = len(output) if isinstance(output, tuple) else 0
+
+    handles = [blocks[0].register_forward_hook(count)]
+    handles += [blocks[i].register_forward_pre_hook(record(i), with_kwargs=True, prepend=True) for i in wanted]
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

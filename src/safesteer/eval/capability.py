@@ -195,17 +195,23 @@ def answers_match(predicted: str | None, target: str) -> bool:
 
 
 def token_drift(reference: Any, entry: Any, prompt_texts: list[str], completions: list[list[int]],
-                chunk_tokens: int = 64) -> list[dict]:
+                chunk_tokens: int = 128) -> list[dict]:
     """Per sequence: summed KL(reference || model) over the completion positions, how many of those
     positions have the same argmax under both models, and how many positions there are.
 
     Both models read the same token sequence (formatted prompt + reference completion); KL is computed
     from their final hidden states `chunk_tokens` positions at a time, so no [B, T, V] tensor exists.
+    Work the two models share is done once, with the same results: decoder layers that are equal in
+    both (an adapter trained on the upper layers only leaves the lower ones as they were;
+    `core.anatomy.identical_lower_layers`) run once, and the model continues from the reference's
+    input to its first differing layer; an output head both have, bit for bit, is packed once for
+    oneDNN on a CPU (`core.prepack.packed_copy`).
     """
     import torch
 
-    from ..core.anatomy import format_prompts, output_head
+    from ..core.anatomy import format_prompts, identical_lower_layers
     from ..core.forward import final_hidden_states, model_device
+    from ..core.steering import recording_layer_inputs, starting_at
 
     tokenizer = reference.tokenizer
     formatted = format_prompts(tokenizer, prompt_texts)
@@ -217,13 +223,17 @@ def token_drift(reference: Any, entry: Any, prompt_texts: list[str], completions
     for i, (p, c) in enumerate(zip(prompt_ids, completions)):
         scored[i, len(p) - 1:len(p) + len(c) - 1] = True
     rows, cols = scored.nonzero(as_tuple=True)
+    # A context (steering, a disabled adapter) changes what layers compute: then nothing is shared.
+    same_layers = (0 if reference.context or entry.context or reference.model is entry.model
+                   else identical_lower_layers(reference.model, entry.model))
+    device = model_device(entry.model)
     with torch.no_grad():
-        with _ctx(reference):
+        with _ctx(reference), recording_layer_inputs(reference.model, [same_layers] if same_layers else []) as inputs:
             h_ref = final_hidden_states(reference.model, ids, mask)[rows, cols]
-        with _ctx(entry):
-            h_mod = final_hidden_states(entry.model, ids.to(model_device(entry.model)), mask.to(model_device(entry.model)))[
-                rows.to(model_device(entry.model)), cols.to(model_device(entry.model))]
-        head_ref, head_mod = output_head(reference.model), output_head(entry.model)
+        start = inputs[same_layers] if same_layers else None
+        with _ctx(entry), starting_at(entry.model, start):
+            h_mod = final_hidden_states(entry.model, ids.to(device), mask.to(device))[rows.to(device), cols.to(device)]
+        head_ref, head_mod = _scoring_heads(reference.model, entry.model)
         kl = torch.empty(len(rows), dtype=torch.float64)
         agree = torch.empty(len(rows), dtype=torch.bool)
         for s in range(0, len(rows), chunk_tokens):
@@ -239,6 +249,26 @@ def token_drift(reference: Any, entry: Any, prompt_texts: list[str], completions
         sel = rows_cpu == i
         out.append({"kl_sum": float(kl[sel].sum()), "agree": int(agree[sel].sum()), "n_tokens": int(sel.sum())})
     return out
+
+
+def _scoring_heads(reference_model: Any, model: Any) -> tuple[Any, Any]:
+    """The two models' output heads for no-grad scoring: one packed copy serving both when their weights are
+    equal bit for bit (a LoRA fine-tune leaves the head as it was), else each model's own head."""
+    import torch
+
+    from ..core.anatomy import output_head
+    from ..core.prepack import packed_copy
+
+    head_ref, head_mod = output_head(reference_model), output_head(model)
+    w_ref, w_mod = getattr(head_ref, "weight", None), getattr(head_mod, "weight", None)
+    if (isinstance(w_ref, torch.Tensor) and isinstance(w_mod, torch.Tensor) and w_ref.dtype == w_mod.dtype
+            and w_ref.device == w_mod.device and w_ref.shape == w_mod.shape
+            and getattr(head_ref, "bias", None) is None and getattr(head_mod, "bias", None) is None
+            and (w_ref is w_mod or torch.equal(w_ref, w_mod))):
+        packed = packed_copy(head_ref)
+        if packed is not None:
+            return packed, packed
+    return head_ref, head_mod
 
 
 def summarize_drift(rows: list[dict], reference_name: str) -> dict:

@@ -28,6 +28,16 @@ def prompt_states(model: Any, tokenizer: Any, prompts: Sequence[Any], pool: str 
     pool="last": the last prompt position, where the response is decided; "mean": the mean over the
     prompt's tokens (chat template included).
     """
+    return states_sharing_layers(model, tokenizer, prompts, pool, batch_size, context)["base"]
+
+
+def states_sharing_layers(base_model: Any, tokenizer: Any, prompts: Sequence[Any], pool: str = "last",
+                          batch_size: int = 8, base_ctx: Callable[[], ContextManager] | None = None,
+                          others: dict[str, tuple[Any, Callable[[], ContextManager] | None, int]] | None = None) -> dict:
+    """`prompt_states` of the base model ("base") and of each model in `others` (name -> (model, context,
+    layer)), batch by batch. An other model computes what the base model (in its context) does below decoder
+    layer `layer`, so its forward starts there from the base model's input to that layer (0: it runs every
+    layer itself); the states are the same as from its own full forward."""
     import contextlib
 
     import numpy as np
@@ -35,27 +45,40 @@ def prompt_states(model: Any, tokenizer: Any, prompts: Sequence[Any], pool: str 
 
     from ..core.anatomy import format_prompts
     from ..core.forward import final_hidden_states, model_device, positions_from_mask
+    from ..core.steering import recording_layer_inputs, starting_at
 
     if pool not in ("last", "mean"):
         raise SafesteerError(f"unknown pooling '{pool}'; use last or mean")
-    device = model_device(model)
+    others = others or {}
+    device = model_device(base_model)
     formatted = format_prompts(tokenizer, prompt_texts(prompts))
-    out = []
+    layers = sorted({layer for _, _, layer in others.values() if layer > 0})
+    out: dict[str, list] = {"base": [], **{name: [] for name in others}}
+
+    def enter(context):
+        return context() if context else contextlib.nullcontext()
+
+    def pooled(hidden, mask):
+        hidden = hidden.double()
+        if pool == "last":
+            return hidden[:, -1].cpu().numpy()  # left padding: the last column is every prompt's last token
+        m = mask.unsqueeze(-1).double()
+        return ((hidden * m).sum(1) / m.sum(1)).cpu().numpy()
+
     with torch.no_grad():
         for start in range(0, len(formatted), batch_size):
             enc = tokenizer(formatted[start: start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             mask = enc["attention_mask"]
-            with (context() if context else contextlib.nullcontext()):
-                # Explicit positions, so left padding does not shift models with absolute position embeddings.
-                hidden = final_hidden_states(model, enc["input_ids"], mask, positions_from_mask(mask)).double()
-            if pool == "last":
-                pooled = hidden[:, -1]  # left padding: the last column is every prompt's last token
-            else:
-                m = mask.unsqueeze(-1).double()
-                pooled = (hidden * m).sum(1) / m.sum(1)
-            out.append(pooled.cpu().numpy())
-    return np.concatenate(out, axis=0)
+            # Explicit positions, so left padding does not shift models with absolute position embeddings.
+            inputs = dict(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask))
+            with enter(base_ctx), recording_layer_inputs(base_model, layers) as recorded:
+                out["base"].append(pooled(final_hidden_states(base_model, **inputs), mask))
+            for name, (model, context, layer) in others.items():
+                moved = {k: v.to(model_device(model)) for k, v in inputs.items()}
+                with enter(context), starting_at(model, recorded[layer] if layer > 0 else None):
+                    out[name].append(pooled(final_hidden_states(model, **moved), mask))
+    return {name: np.concatenate(parts, axis=0) for name, parts in out.items()}
 
 
 def pca_coordinates(states: dict[str, Any], fit_on: Sequence[str], n_components: int = 2) -> tuple[dict, list[float]]:
@@ -78,11 +101,13 @@ def pca_coordinates(states: dict[str, Any], fit_on: Sequence[str], n_components:
 def representation_shift(base_model: Any, tokenizer: Any, teacher_ctx: Callable[[], ContextManager] | None,
                          aligned_model: Any | None, prompts: Sequence[Any], run_dir: str | Path | None = None,
                          pool: str = "last", fit_on: str = "all", batch_size: int = 8,
-                         base_ctx: Callable[[], ContextManager] | None = None) -> dict:
+                         base_ctx: Callable[[], ContextManager] | None = None, teacher_layer: int | None = None) -> dict:
     """PCA of final-layer hidden states on benign prompts for base, steered teacher and aligned model.
 
     `teacher_ctx` turns `base_model` into the teacher (e.g. `lambda: add_direction(base_model, r, layer)`);
-    either it or `aligned_model` may be None to leave that model out. The PCA is fitted on the states of
+    either it or `aligned_model` may be None to leave that model out. `teacher_layer`, if given, is the
+    first decoder layer the teacher's context changes (the steering layer): the layers below it run once
+    for base and teacher. Layers the aligned model has unchanged from the base run once too. The PCA is fitted on the states of
     all models (fit_on="all") so that a shift away from the base shows up on the axes, or on the base
     states only (fit_on="base"). Besides the coordinates, the mean distance of each model's state from
     the base state of the same prompt is recorded in the full space, relative to the spread of the base
@@ -91,6 +116,8 @@ def representation_shift(base_model: Any, tokenizer: Any, teacher_ctx: Callable[
     import contextlib
 
     import numpy as np
+
+    from ..core.anatomy import identical_lower_layers
 
     if fit_on not in ("all", "base"):
         raise SafesteerError(f"unknown fit_on '{fit_on}'; use all or base")
@@ -105,12 +132,16 @@ def representation_shift(base_model: Any, tokenizer: Any, teacher_ctx: Callable[
         stack.enter_context(teacher_ctx())
         return stack
 
-    states = {"base": prompt_states(base_model, tokenizer, texts, pool, batch_size, context=base_ctx)}
+    # Work shared with the base model's forward runs once: the teacher's layers below `teacher_layer` (its
+    # steering starts there) and the aligned model's layers equal to the base's (an adapter on the upper
+    # layers only). Without a base context, nothing else changes what the base model's layers compute.
+    others = {}
     if teacher_ctx is not None:
-        states["teacher"] = prompt_states(base_model, tokenizer, texts, pool, batch_size,
-                                          context=both if base_ctx is not None else teacher_ctx)
+        others["teacher"] = (base_model, both if base_ctx is not None else teacher_ctx, teacher_layer or 0)
     if aligned_model is not None:
-        states["aligned"] = prompt_states(aligned_model, tokenizer, texts, pool, batch_size)
+        same = 0 if base_ctx is not None or aligned_model is base_model else identical_lower_layers(base_model, aligned_model)
+        others["aligned"] = (aligned_model, None, same)
+    states = states_sharing_layers(base_model, tokenizer, texts, pool, batch_size, base_ctx, others)
     coords, ratio = pca_coordinates(states, list(states) if fit_on == "all" else ["base"])
     base = states["base"]
     spread = float(np.linalg.norm(base - base.mean(axis=0), axis=1).mean())

@@ -181,9 +181,10 @@ PRESETS["cpu-contrast"] = {**PRESETS["cpu"], "contrast": "builtin", "contrast_pr
 # with r partly subtracted (-0.15 r), at a higher learning rate. Chosen on the tune part of the evaluation sets
 # (README, "What it does on the default model"): the only setting tried whose harmful refusal matches the cpu
 # preset's while its edgy over-refusal stays at or below the base's.
-# Its steps score 16 rollouts, twice cpu's: 32 positions per loss chunk (same losses) keep its peak 0.3 GiB lower.
-PRESETS["cpu-gated"] = {**PRESETS["cpu-contrast"], "gate": "on", "contrast_coeff": -0.15, "learning_rate": 2e-4,
-                        "chunk_size": 32}
+# Its steps score 16 rollouts, twice cpu's, in one loss chunk of up to 64 positions per rollout: no head
+# recomputed in backward (32 positions per chunk, two checkpointed chunks, was the setting before the loss
+# kept only one [rows, vocabulary] tensor for backward; same losses, a step ~2 s slower).
+PRESETS["cpu-gated"] = {**PRESETS["cpu-contrast"], "gate": "on", "contrast_coeff": -0.15, "learning_rate": 2e-4}
 
 # A training preset built on another one runs that preset's direction and token stages.
 STAGE_PRESETS = {"cpu-contrast": "cpu", "cpu-gated": "cpu"}
