@@ -97,3 +97,27 @@ def test_builtin_cache_marker_required(tmp_path, monkeypatch):
     target = tmp_path / "models" / f"smollm2-135m-instruct-{spec.sha256[:12]}"
     target.mkdir(parents=True)
     assert not models._cache_is_complete(target, spec.sha256)
+
+
+def test_share_equal_weights_holds_the_base_weights_once_and_changes_no_output(tiny_model, smol_tokenizer):
+    import copy
+
+    from conftest import perturbed_copy
+    from safesteer.core.generation import generation_precision
+    from safesteer.io.models import share_equal_weights
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base_out = tiny_model(ids).logits
+    aligned = perturbed_copy(tiny_model)  # layer 1 differs
+    before = aligned(ids).logits
+    differ = sum(p.numel() * p.element_size() for p in aligned.model.layers[1].parameters())
+    total = sum(t.numel() * t.element_size() for t in [*aligned.parameters(), *aligned.buffers()])
+    assert share_equal_weights(tiny_model, aligned) == total - differ
+    assert aligned.model.layers[0].mlp.up_proj.weight.data_ptr() == tiny_model.model.layers[0].mlp.up_proj.weight.data_ptr()
+    assert aligned.model.layers[1].mlp.up_proj.weight.data_ptr() != tiny_model.model.layers[1].mlp.up_proj.weight.data_ptr()
+    assert torch.equal(aligned(ids).logits, before)
+    assert share_equal_weights(tiny_model, aligned) == 0  # already shared
+    with generation_precision(tiny_model, torch.bfloat16):  # swaps the base's weights for casts, in the base only
+        assert torch.equal(aligned(ids).logits, before)
+    assert torch.equal(tiny_model(ids).logits, base_out)
+    assert share_equal_weights(tiny_model, copy.deepcopy(tiny_model).to(torch.bfloat16)) == 0  # another dtype

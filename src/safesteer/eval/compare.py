@@ -145,7 +145,7 @@ def _check_out(out: Path, points: Sequence[Point]) -> None:
 # ----------------------------------------------------------------------------- one point at a time
 
 
-def _run_entry(point: Point, base_model: str, loader: Callable[[str], Any]) -> ModelEntry:
+def _run_entry(point: Point, base_model: str, loader: Callable[[str], Any], base: Any = None) -> ModelEntry:
     """A run's trained model, as align's summary loads it (`suites.load_align_entries`), so an evaluation it
     made records the same model: a merged model directory, or the adapter applied to the base model."""
     model_dir = Path(point.source) / "model"
@@ -158,6 +158,10 @@ def _run_entry(point: Point, base_model: str, loader: Callable[[str], Any]) -> M
         model = PeftModel.from_pretrained(loaded.model, str(model_dir)).eval()
         return ModelEntry(point.name, model, loaded.tokenizer, None, {**loaded.identity, "adapter": str(model_dir)})
     loaded = loader(str(model_dir))
+    if base is not None:  # the weights a fine-tune kept from the base model, held once (`base` is only read)
+        from ..io.models import share_equal_weights
+
+        share_equal_weights(base.model, loaded.model)
     return ModelEntry(point.name, loaded.model, loaded.tokenizer, None, loaded.identity)
 
 
@@ -225,7 +229,7 @@ def _evaluate_point(point: Point, base: ModelEntry, base_model: str, config: Eva
     elif point.kind == "gated":
         entry = gated_entry(base, point.source, name=point.name)
     else:
-        entry = _run_entry(point, base_model, loader)
+        entry = _run_entry(point, base_model, loader, base)
         echo(f"{point.name}: loaded {Path(point.source) / 'model'} in {time.time() - t0:.1f} s")
     reused = None
     if reuse:

@@ -755,7 +755,7 @@ def load_align_entries(run_dir: Path, base_model: str | None, aligned_dir: str |
     """[base, aligned] for align's summary: the base model loaded as `args` says (the align command's model
     options), the aligned one from `aligned_dir` (default RUN_DIR/model): a merged model directory, or an
     adapter applied to the base, whose disabled adapter then serves as the base."""
-    from ..io.models import load_model
+    from ..io.models import load_model, share_equal_weights
 
     load_kw = {k: getattr(args, k) for k in ("dtype", "device", "trust_remote_code") if args is not None and hasattr(args, k)}
     base_name = base_model or getattr(args, "model", None)
@@ -770,6 +770,7 @@ def load_align_entries(run_dir: Path, base_model: str | None, aligned_dir: str |
         return [ModelEntry("base", peft_model, loaded.tokenizer, peft_model.disable_adapter, {**loaded.identity, "adapter": "disabled"}),
                 ModelEntry("aligned", peft_model, loaded.tokenizer, None, {**loaded.identity, "adapter": str(aligned_dir)})]
     aligned = load_model(str(aligned_dir), **load_kw)
+    share_equal_weights(loaded.model, aligned.model)  # its lower layers and head are the base's: held once
     return [ModelEntry("base", loaded.model, loaded.tokenizer, None, loaded.identity),
             ModelEntry("aligned", aligned.model, aligned.tokenizer, None, aligned.identity)]
 

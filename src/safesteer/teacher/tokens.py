@@ -39,6 +39,7 @@ import torch
 from ..core.anatomy import end_of_turn_ids, format_prompts, output_head, unwrap_model
 from ..core.generation import effective_dtype_name, generation_precision, resolve_generation_dtype
 from ..core.forward import model_device, positions_from_mask
+from ..core.prepack import packed_copy
 from ..core.sampling import rollout_seeds
 from ..errors import SafesteerError
 from ..io.models import comparable_identity, model_family
@@ -479,10 +480,12 @@ def select_safety_tokens(model: Any, tokenizer: Any, teacher_ctx: Callable[[], C
     del kept_t, kept_0
     chunk = 128  # positions per full-vocabulary chunk: bounds memory to a few [128, V] float32 tensors
     eligible_here = eligible.to(device)
+    vote_head = packed_copy(head) or head  # thousands of rows through one frozen head: packed once on a CPU
     for s in range(0, hid_t.shape[0], chunk):
-        logp_t = head(hid_t[s: s + chunk]).float().log_softmax(-1)
-        logp_0 = head(hid_0[s: s + chunk]).float().log_softmax(-1)
+        logp_t = vote_head(hid_t[s: s + chunk]).float().log_softmax(-1)
+        logp_0 = vote_head(hid_0[s: s + chunk]).float().log_softmax(-1)
         stats.add_scores(logp_t, logp_0, eligible_here, config.top_k_per_position)
+    del vote_head
     stats.sum_scores_over_processes()
     selection = stats.select(eligible, config.n_tokens, config.method)
     t_total = time.time() - t0
