@@ -343,14 +343,22 @@ def share_equal_weights(reference: Any, model: Any) -> int:
         return 0
     ref_tensors = dict(ref.named_parameters()) | dict(ref.named_buffers())
     freed = 0
+    own = []
     with torch.no_grad():
         for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
             r = ref_tensors.get(name)
             if (r is None or r is t or r.dtype != t.dtype or r.device != t.device or r.shape != t.shape
                     or r.data_ptr() == t.data_ptr() or not torch.equal(r, t)):
+                own.append(t)
                 continue
             freed += t.numel() * t.element_size()
             t.data = r.data
+        if freed:
+            # Weights loaded from safetensors are views of the file's memory map, which stays mapped (and the pages
+            # the comparison read stay resident) while any of them lives: the model's own tensors are copied out,
+            # so the map is released (default model: 0.39 of 2.5 GB copied, RSS 4.5 -> 2.9 GB with both loaded).
+            for t in own:
+                t.data = t.data.clone()
     return freed
 
 
