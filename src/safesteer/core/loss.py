@@ -99,13 +99,12 @@ def _slice_logprobs(logits: Tensor, ids: Tensor, with_entropy: bool = True,
 
 class _SliceLogProbs(torch.autograd.Function):
     """logits [R, V] -> (ls [R, K], rest [R], entropy [R], lse [R]): full-softmax log-probabilities at S, the
-    log-probability of the rest of the vocabulary (clamped at _LOG_FLOOR), and, without
-    gradient, the entropy (empty unless `with_entropy`) and the log-normaliser, all from one [R, V] tensor
-    of exponentials.
+    log-probability of the rest of the vocabulary (clamped at _LOG_FLOOR), and, without gradient, the entropy
+    (empty unless `with_entropy`) and the log-normaliser, all from one [R, V] tensor of exponentials.
 
-    The plain formulas (`s_slice_logprobs`, a logsumexp over the complement of S, an entropy) under autograd walk the [R, V] logits a
-    dozen times and save several [R, V] tensors for backward (logsumexp's, the masked copy's); on the default
-    model a chunk is ~600 x 151,936 floats, so those elementwise passes cost as much as the output head.
+    The plain formulas (`_plain_slice_logprobs`: logsumexp, a logsumexp over the complement of S, an entropy)
+    under autograd walk the [R, V] logits a dozen times and save several [R, V] tensors for backward; on the
+    default model a chunk is ~600 x 151,936 floats, so those elementwise passes cost as much as the output head.
     Here forward makes e = exp(logits - max) once, sums it (normaliser), zeroes S in place and sums again
     (the rest, over its own terms: no cancellation when S holds nearly all the mass), and keeps e for
     backward, which writes the gradient in one pass: with p = softmax(logits), g_k = dL/d ls_k, G = sum_k g_k,
