@@ -264,7 +264,7 @@ def _scoring_heads(reference_model: Any, model: Any) -> tuple[Any, Any]:
     if (isinstance(w_ref, torch.Tensor) and isinstance(w_mod, torch.Tensor) and w_ref.dtype == w_mod.dtype
             and w_ref.device == w_mod.device and w_ref.shape == w_mod.shape
             and getattr(head_ref, "bias", None) is None and getattr(head_mod, "bias", None) is None
-            and (w_ref is w_mod or torch.equal(w_ref, w_mod))):
+            and (w_ref.data_ptr() == w_mod.data_ptr() or torch.equal(w_ref, w_mod))):
         packed = packed_copy(head_ref)
         if packed is not None:
             return packed, packed
