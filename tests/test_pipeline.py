@@ -181,8 +181,8 @@ def test_a_finished_run_is_reused_only_with_the_settings_and_inputs_that_made_it
         f"{old_sha[:12]} -> {new_sha[:12]}); " + WAYS_OUT.format(verb="reuse", stage="training"))
     stand_in["ids"] = list(safety_ids)
 
-    # Settings of the summary alone: the trained model is reused as it is.
-    assert cli.main([*argv, "--eval-limit", "8", "--eval-max-new-tokens", "4"]) == 0
+    # Settings of the summary alone, and the loss's memory knob: the trained model is reused as it is.
+    assert cli.main([*argv, "--eval-limit", "8", "--eval-max-new-tokens", "4", "--chunk-size", "3"]) == 0
     timings = json.loads((out / "timings.json").read_text())
     assert timings["stages"]["training"]["reused"] is True
     assert (out / "model" / "safesteer.json").read_bytes() == record

@@ -52,7 +52,9 @@ RUN_FILES = ("eval", "timings.json")
 # Training settings that do not change the trained model: how often it checkpoints, after how many non-finite
 # steps in a row it stops, and the preset's name
 # (the values it sets are compared one by one).
-TRAINING_FREE = ("checkpoint_every", "max_nonfinite_steps", "preset")
+# Settings a trained model or an interrupted run is reused across: they change no result (chunk_size is a memory
+# knob: the loss is the same at any chunk size, to float rounding; cpu-gated's went from 32 to 64 at 4ce8eeb).
+TRAINING_FREE = ("checkpoint_every", "max_nonfinite_steps", "preset", "chunk_size")
 
 
 def output_is_complete(out_dir: str | Path) -> bool:
