@@ -1,14 +1,28 @@
-"""The representation shift's forwards: work the base model shares with the teacher and the aligned model runs once."""
+"""The representation shift: the PCA it draws, and forwards whose work shared with the base model runs once."""
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import perturbed_copy
 from safesteer.core.anatomy import decoder_layers
 from safesteer.core.steering import add_direction
-from safesteer.report.representation import prompt_states, representation_shift
+from safesteer.report.representation import (pca_coordinates, prompt_states, representation_shift,
+                                             states_sharing_layers)
 
 PROMPTS = ["Say hello.", "What is the capital of France?", "Name three colours, please."]
+
+
+def test_pca_projects_onto_the_direction_of_largest_variance():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(50, 8)) * np.array([5.0, 1, 1, 1, 1, 1, 1, 0.1])
+    coords, ratio = pca_coordinates({"base": base, "moved": base + np.eye(8)[7] * 100}, ["base"])
+    pc1 = np.array(coords["base"])[:, 0]
+    assert abs(np.corrcoef(pc1, base[:, 0])[0, 1]) > 0.99 and ratio[0] > 0.5
+    # fitted on both, the shift along the low-variance axis becomes the first component
+    coords, _ = pca_coordinates({"base": base, "moved": base + np.eye(8)[7] * 100}, ["base", "moved"])
+    gap = np.array(coords["moved"])[:, 0].mean() - np.array(coords["base"])[:, 0].mean()
+    assert abs(gap) == pytest.approx(100, rel=1e-6)
 
 
 def test_shared_layers_give_the_states_of_full_forwards(tiny_model, smol_tokenizer):
@@ -38,10 +52,10 @@ def test_shared_layers_give_the_states_of_full_forwards(tiny_model, smol_tokeniz
         full = {"base": prompt_states(tiny_model, smol_tokenizer, PROMPTS, batch_size=2),
                 "teacher": prompt_states(tiny_model, smol_tokenizer, PROMPTS, batch_size=2, context=teacher),
                 "aligned": prompt_states(aligned, smol_tokenizer, PROMPTS, batch_size=2)}
-    separate = representation_shift(tiny_model, smol_tokenizer, teacher, aligned, PROMPTS, batch_size=2)
+    states = states_sharing_layers(tiny_model, smol_tokenizer, PROMPTS, batch_size=2,
+                                   others={"teacher": (tiny_model, teacher, 2), "aligned": (aligned, None, 1)})
+    for name in ("base", "teacher", "aligned"):
+        np.testing.assert_array_equal(states[name], full[name])  # bit for bit what full forwards give
     for name in ("teacher", "aligned"):
-        assert shared["shift"][name] == separate["shift"][name]
-    np.testing.assert_array_equal(np.array(shared["coords"]["base"]), np.array(separate["coords"]["base"]))
-    # and the separate run is what full forwards give
-    dist = np.linalg.norm(full["aligned"] - full["base"], axis=1).mean()
-    assert separate["shift"]["aligned"]["mean_l2"] == dist
+        dist = np.linalg.norm(full[name] - full["base"], axis=1).mean()
+        assert shared["shift"][name]["mean_l2"] == dist

@@ -103,15 +103,17 @@ def _computing_config(model: nn.Module) -> dict:
     return values
 
 
+def equal_tensors(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same dtype, device, shape and values, bit for bit; two views of one storage count without being read."""
+    return x is y or (x.dtype == y.dtype and x.device == y.device and x.shape == y.shape
+                      and ((x.data_ptr() == y.data_ptr() and x.stride() == y.stride()) or torch.equal(x, y)))
+
+
 def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
-    """Same parameter and buffer names, dtypes, devices and values, bit for bit."""
+    """Same parameter and buffer names, and `equal_tensors` under each name."""
     ta = dict(a.named_parameters()) | dict(a.named_buffers())
     tb = dict(b.named_parameters()) | dict(b.named_buffers())
-    if ta.keys() != tb.keys():
-        return False
-    return all(x is y or (x.dtype == y.dtype and x.device == y.device and x.shape == y.shape
-                          and ((x.data_ptr() == y.data_ptr() and x.stride() == y.stride()) or torch.equal(x, y)))
-               for x, y in ((ta[k], tb[k]) for k in ta))
+    return ta.keys() == tb.keys() and all(equal_tensors(ta[k], tb[k]) for k in ta)
 
 
 @torch.no_grad()

@@ -235,28 +235,23 @@ def capture_layer_input(model: nn.Module, layer: int, **forward_kwargs) -> Layer
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise SafesteerError(f"layer {layer} is out of range for a model with {len(layers)} decoder layers")
-    found: dict = {}
 
-    def stop(_module, args, kwargs):
-        found["hidden"], _ = hidden_of(args, kwargs)
+    def stop(_module, _args, _kwargs):
         raise _ReachedLayer
 
-    def arity(_module, _args, output):
-        found["arity"] = len(output) if isinstance(output, tuple) else 0
-
-    handles = [layers[layer].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)]
-    if layer > 0:
-        handles.append(layers[0].register_forward_hook(arity))
+    # Prepended first, so it runs right after the recording hook (prepended next) and before any other.
+    handle = layers[layer].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
     try:
-        model(**forward_kwargs)
-    except _ReachedLayer:
-        pass
+        with recording_layer_inputs(model, [layer]) as found:
+            try:
+                model(**forward_kwargs)
+            except _ReachedLayer:
+                pass
     finally:
-        for h in handles:
-            h.remove()
-    if "hidden" not in found:
+        handle.remove()
+    if layer not in found:
         raise SafesteerError(f"the forward never reached decoder layer {layer}; this architecture is not supported")
-    return LayerInput(layer=layer, hidden=found["hidden"], output_arity=found.get("arity"))
+    return found[layer]
 
 
 @contextmanager

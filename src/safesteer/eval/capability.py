@@ -256,15 +256,14 @@ def _scoring_heads(reference_model: Any, model: Any) -> tuple[Any, Any]:
     equal bit for bit (a LoRA fine-tune leaves the head as it was), else each model's own head."""
     import torch
 
-    from ..core.anatomy import output_head
+    from ..core.anatomy import equal_tensors, output_head
     from ..core.prepack import packed_copy
 
     head_ref, head_mod = output_head(reference_model), output_head(model)
     w_ref, w_mod = getattr(head_ref, "weight", None), getattr(head_mod, "weight", None)
-    if (isinstance(w_ref, torch.Tensor) and isinstance(w_mod, torch.Tensor) and w_ref.dtype == w_mod.dtype
-            and w_ref.device == w_mod.device and w_ref.shape == w_mod.shape
+    if (isinstance(w_ref, torch.Tensor) and isinstance(w_mod, torch.Tensor)
             and getattr(head_ref, "bias", None) is None and getattr(head_mod, "bias", None) is None
-            and (w_ref.data_ptr() == w_mod.data_ptr() or torch.equal(w_ref, w_mod))):
+            and equal_tensors(w_ref, w_mod)):
         packed = packed_copy(head_ref)
         if packed is not None:
             return packed, packed
