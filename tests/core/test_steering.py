@@ -424,6 +424,51 @@ def test_start_at_layer_reproduces_the_full_forward_with_the_steering_added_once
     assert torch.equal(logits(model, ids, mask), plain)
 
 
+def _grouped_rows(group=3, prompt_len=5, width=9, seed=0):
+    """Two left-padded prompts, each repeated `group` times with its own continuations (some ended early)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (2 * group, width), generator=g)
+    mask = torch.ones(2 * group, width, dtype=torch.long)
+    prompts = torch.randint(3, V, (2, prompt_len), generator=g)
+    ids[:, :prompt_len] = prompts.repeat_interleave(group, 0)
+    mask[group:, :2] = 0  # the second prompt is shorter
+    mask[1, -2:] = 0  # a continuation that ended early
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grouped_capture_equals_the_plain_capture(arch):
+    from safesteer.core.steering import capture_layer_input_grouped
+
+    model = tiny(arch)
+    ids, mask = _grouped_rows()
+    kwargs = _forward_kwargs(ids, mask)
+    kwargs.pop("use_cache")
+    shapes = []
+    handle = decoder_layers(model)[0].register_forward_pre_hook(
+        lambda _m, args, kw: shapes.append(tuple((args[0] if args else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            plain = capture_layer_input(model, 2, **kwargs, use_cache=False)
+            grouped = capture_layer_input_grouped(model, 2, 3, 5, **kwargs)
+            other = ids.clone()
+            other[1, 4] = (other[1, 4] + 1) % V  # one row's prompt differs from its group's
+            ungrouped = capture_layer_input_grouped(model, 2, 3, 5, **{**kwargs, "input_ids": other})
+    finally:
+        handle.remove()
+    assert shapes[0] == (6, 9)
+    assert shapes[1:3] == [(2, 5), (6, 4)], shapes  # each prompt ran once, then the rest per row
+    assert shapes[-1] == (6, 9)  # rows whose prompts differ: the plain capture
+    assert grouped.layer == plain.layer == 2 and grouped.output_arity == plain.output_arity
+    valid = mask.bool()
+    torch.testing.assert_close(grouped.hidden[valid], plain.hidden[valid], atol=1e-5, rtol=1e-5)
+    full = logits(model, ids, mask)
+    with start_at_layer(model, grouped):  # a forward can start from it
+        torch.testing.assert_close(logits(model, ids, mask)[valid], full[valid], atol=1e-5, rtol=1e-5)
+    assert ungrouped.hidden.shape == plain.hidden.shape
+    assert no_hooks_left(model)
+
+
 def test_start_at_layer_keeps_padding_positions_as_the_full_forward():
     model = tiny("qwen2")
     ids, mask = batch()

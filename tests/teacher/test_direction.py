@@ -558,6 +558,38 @@ def test_load_direction_errors(toy, smol_tok, tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 
+def test_activations_in_bfloat16(toy, smol_tok, tmp_path, monkeypatch):
+    """activation_dtype: the activation and filter forwards run in bf16 (the model restored after), the
+    result close to float32's, the setting recorded; results stored before it existed still match float32."""
+    seen = []
+    real = D._activation_sums
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(D, "_activation_sums", spy)
+    full = _stage(toy, smol_tok, tmp_path / "fp32")
+    half = _stage(toy, smol_tok, tmp_path / "bf16", activation_dtype="bfloat16")
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
+    assert next(toy.parameters()).dtype == torch.float32
+    assert (half.layer, half.position) == (full.layer, full.position)
+    assert torch.nn.functional.cosine_similarity(half.direction, full.direction, dim=0) > 0.999
+    assert half.direction.dtype == torch.float32
+    keys = [json.loads((tmp_path / d / D.META_FILE).read_text())["config_key"] for d in ("fp32", "bf16")]
+    assert "activation_dtype" not in keys[0] and keys[1]["activation_dtype"] == "bfloat16"
+    changes = []  # a float32 result (or one stored before the setting existed) asked for in bf16: a change
+    D.run_direction_stage(toy, smol_tok, {"name": "toy", "path": str(tmp_path / "fp32")}, tmp_path / "fp32",
+                          HARMFUL[:6], HARMLESS[:6], HARMFUL[6:], HARMLESS[6:],
+                          D.DirectionConfig(batch_size=4, activation_dtype="bfloat16"), progress=False,
+                          on_change=changes.extend)
+    assert changes == ["direction.activation_dtype (not recorded) -> bfloat16"]
+    assert D.DirectionConfig.from_preset("cpu").activation_dtype == "auto"
+    assert D.DirectionConfig.from_preset("paper").activation_dtype == "float32"
+    with pytest.raises(SafesteerError, match="activation_dtype"):
+        D.DirectionConfig(activation_dtype="int8")
+
+
 def test_config_validation():
     with pytest.raises(SafesteerError, match="negative"):
         D.DirectionConfig(positions=(1,))

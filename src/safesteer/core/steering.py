@@ -254,6 +254,40 @@ def capture_layer_input(model: nn.Module, layer: int, **forward_kwargs) -> Layer
     return found[layer]
 
 
+def capture_layer_input_grouped(model: nn.Module, layer: int, group: int, prompt_len: int, input_ids: torch.Tensor,
+                                attention_mask: torch.Tensor, position_ids: torch.Tensor) -> LayerInput:
+    """`capture_layer_input` for rows that come in consecutive groups of `group` with the same first `prompt_len`
+    columns (a training step's rollouts: G completions of each prompt), computing each prompt once.
+
+    Each group's prompt runs once, up to `layer`, into a KV cache that is then repeated for the group's rows,
+    and only the columns after the prompt run per row: a step of the default preset (4 rollouts per prompt)
+    skips ~3/4 of its prompt positions. The inputs are the plain capture's up to rounding (other matrix
+    shapes, the prompt's keys read from the cache). Rows not grouped so, a sequence with nothing after the
+    prompt, or a model that takes no cache get the plain capture.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    n, width = input_ids.shape
+    grouped = group > 1 and n % group == 0 and 0 < prompt_len < width
+    if grouped:
+        first = slice(None, None, group)
+        heads = (input_ids[:, :prompt_len], attention_mask[:, :prompt_len], position_ids[:, :prompt_len])
+        grouped = all(torch.equal(t, t[first].repeat_interleave(group, 0)) for t in heads)
+    plain = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if not grouped:
+        return capture_layer_input(model, layer, **plain)
+    cache = DynamicCache()  # filled by the layers below `layer`; the capture stops the forward there
+    prompt = capture_layer_input(model, layer, input_ids=heads[0][first], attention_mask=heads[1][first],
+                                 position_ids=heads[2][first], past_key_values=cache, use_cache=True)
+    if cache.get_seq_length() != prompt_len:  # the model kept no cache of its own layers: compute it plainly
+        return capture_layer_input(model, layer, **plain)
+    cache.batch_repeat_interleave(group)
+    rest = capture_layer_input(model, layer, input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask,
+                               position_ids=position_ids[:, prompt_len:], past_key_values=cache, use_cache=True)
+    hidden = torch.cat([prompt.hidden.repeat_interleave(group, 0), rest.hidden], dim=1)
+    return LayerInput(layer=layer, hidden=hidden, output_arity=rest.output_arity)
+
+
 @contextmanager
 def recording_layer_inputs(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[int, LayerInput]]:
     """While open, every forward of `model` records the residual stream entering each decoder layer in

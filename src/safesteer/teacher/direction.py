@@ -112,7 +112,11 @@ class DirectionConfig:
     selection_dtype: str = help_field("auto",
         "dtype of the selection forwards (bypass, KL with its baseline, induce): auto (bfloat16 on a CPU with "
         "avx512_bf16/AMX or a CUDA device with bf16, else the model's own), float32, bfloat16. The activations "
-        "and their float64 difference of means, and the filter's refusal scores, stay in the model's dtype")
+        "and the filter's refusal scores: activation_dtype")
+    activation_dtype: str = help_field("float32",
+        "dtype of the forwards that read the activations and the filter's refusal scores (training and "
+        "validation prompts): float32 (the model's own, the method as published), bfloat16, or auto (bfloat16 "
+        "where selection_dtype's auto would be). The difference of means is accumulated in float64 either way")
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -131,8 +135,9 @@ class DirectionConfig:
                 raise SafesteerError("positions count from the end and must be negative, e.g. -1,-2")
         if self.layers is not None:
             self.layers = tuple(int(layer) for layer in self.layers)
-        if self.selection_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise SafesteerError(f"unknown selection_dtype '{self.selection_dtype}'; use auto, float32 or bfloat16")
+        for name in ("selection_dtype", "activation_dtype"):
+            if getattr(self, name) not in ("auto", "float32", "bfloat16", "float16"):
+                raise SafesteerError(f"unknown {name} '{getattr(self, name)}'; use auto, float32 or bfloat16")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "DirectionConfig":
@@ -150,6 +155,8 @@ class DirectionConfig:
         d = asdict(self)
         for k in ("batch_size", "prefix_cache"):
             d.pop(k)
+        if d["activation_dtype"] == "float32":  # what every result made before the setting existed used
+            d.pop("activation_dtype")
         d["positions"] = list(self.positions) if self.positions is not None else None
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d
@@ -161,9 +168,14 @@ DIRECTION_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # Small models (the 0.5B default): no candidate below 0.8 x depth reaches a mean score of 0 at
     # coefficient 1 (the best moves harmless-val from -3.7 to -0.3 while harmful-val sits at +1.0),
-    # so the induce filter asks for half of the harmless-to-harmful gap instead. Everything else,
-    # including the bypass ranking and the KL filter, is the paper's.
-    "cpu": {"induce_fraction": 0.5},
+    # so the induce filter asks for half of the harmless-to-harmful gap instead. The bypass ranking and
+    # the KL filter are the paper's.
+    "cpu": {"induce_fraction": 0.5,
+            # The 256 training and 64 validation forwards in bf16 where bf16 is fast (40 -> 19 s on 2 cores).
+            # On the 0.5B default the same candidate wins; the filter keeps 55 instead of 56 harmful-train
+            # and 124 instead of 123 harmless-train prompts (scores within rounding of 0), and r moves by
+            # 1.9% (cosine 0.9998). The paper preset keeps float32.
+            "activation_dtype": "auto"},
 }
 
 
@@ -849,7 +861,8 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
 
     config = config or DirectionConfig()
     # "auto" made concrete for this model and machine: recorded, and compared on reuse, as what ran.
-    config = replace(config, selection_dtype=effective_dtype_name(config.selection_dtype, model))
+    config = replace(config, selection_dtype=effective_dtype_name(config.selection_dtype, model),
+                     activation_dtype=effective_dtype_name(config.activation_dtype, model))
     out_dir = Path(out_dir)
     sets = {"harmful_train": prompt_texts(harmful_train)[:config.n_train],
             "harmless_train": prompt_texts(harmless_train)[:config.n_train],
@@ -887,18 +900,19 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
     # Training prompts: one pass gives both the refusal scores (filter) and the activations.
     log(f"activations of {len(sets['harmful_train'])}+{len(sets['harmless_train'])} training prompts at "
         f"{n_pos} positions x {n_layers} layers")
-    acts = {k: _summed_over_processes(_activation_sums(model, tokenizer, enc[k], config.batch_size, refusal_ids,
-                                                       harmful=k.startswith("harmful")))
-            for k in ("harmful_train", "harmless_train")}
-    timings["train_pass_s"] = time.time() - t0
+    with generation_precision(model, config.activation_dtype):
+        acts = {k: _summed_over_processes(_activation_sums(model, tokenizer, enc[k], config.batch_size, refusal_ids,
+                                                           harmful=k.startswith("harmful")))
+                for k in ("harmful_train", "harmless_train")}
+        timings["train_pass_s"] = time.time() - t0
 
-    # Validation prompts: scores for the filter; harmless logits double as the KL baseline.
-    t0 = time.time()
-    hv_scores = _scores_of(enc["harmful_val"], model, refusal_ids, config.batch_size)
-    lv_chunks = _last_logits(model, enc["harmless_val"], config.batch_size, lambda lg, rows: (rows, lg))
-    lv_logits = _scatter(lv_chunks, len(enc["harmless_val"]))  # also the KL baseline
-    lv_scores = refusal_scores_from_logits(lv_logits, refusal_ids)
-    timings["val_pass_s"] = time.time() - t0
+        # Validation prompts: scores for the filter; harmless logits double as the KL baseline.
+        t0 = time.time()
+        hv_scores = _scores_of(enc["harmful_val"], model, refusal_ids, config.batch_size)
+        lv_chunks = _last_logits(model, enc["harmless_val"], config.batch_size, lambda lg, rows: (rows, lg))
+        lv_logits = _scatter(lv_chunks, len(enc["harmless_val"]))  # also the KL baseline
+        lv_scores = refusal_scores_from_logits(lv_logits, refusal_ids)
+        timings["val_pass_s"] = time.time() - t0
 
     filtered, counts, fallback = _apply_filter(acts, {"harmful_val": hv_scores, "harmless_val": lv_scores}, config)
     log("prompts kept by the refusal filter: " + ", ".join(f"{k} {v['after']}/{v['before']}" for k, v in counts.items()))

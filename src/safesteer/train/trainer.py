@@ -394,18 +394,20 @@ class Trainer:
                    time_step_s=time.perf_counter() - t0, example=batch.responses[0][:160])
         return parallel.reduce_metrics(row, len(batch.responses), sum(n_tokens))
 
-    def lower_pass(self, inputs: dict) -> Any:
+    def lower_pass(self, inputs: dict, batch: Any) -> Any:
         """The residual stream entering the steering layer (a core.steering.LayerInput), computed once per batch.
 
         Valid for teacher and student alike only because no adapter sits below that layer
         (lora_layers=from_steering). It runs in eval mode like the teacher: a base model with dropout
         would, in the unshared path, drop units in the student's lower layers, here it does not.
+        Each prompt's positions run once for its G rollouts (`capture_layer_input_grouped`).
         """
-        from ..core.steering import capture_layer_input
+        from ..core.steering import capture_layer_input_grouped
 
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            return capture_layer_input(self.model, self.spec.layer, **inputs, use_cache=False)
+            return capture_layer_input_grouped(self.model, self.spec.layer, self.config.rollouts_per_prompt,
+                                               batch.prompt_len, **inputs)
 
     def score(self, batch: Any, timings: dict | None = None, plan: RowPlan | None = None) -> Any:
         """The loss between teacher and student on the rollouts (a loss.DistillationOutput), not back-propagated.
@@ -421,7 +423,7 @@ class Trainer:
         cfg = self.config
         inputs = batch.model_inputs()
         t0 = time.perf_counter()
-        start = self.lower_pass(inputs) if self.share_lower_layers else None
+        start = self.lower_pass(inputs, batch) if self.share_lower_layers else None
         teacher_hidden = batch.scored_hidden(self.teacher.hidden(inputs, self.autocast, start, plan.coeffs))
         t1 = time.perf_counter()
         self.model.train()
