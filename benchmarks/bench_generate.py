@@ -195,12 +195,12 @@ def run_rollouts(student, tokenizer, instructions, per_prompt, max_new_tokens, p
 
 
 def sampler_alone(vocab: int, rows: int, calls: int) -> dict:
-    from safesteer.core.sampling import _inverse_cdf_choice
+    from safesteer.core.sampling import inverse_cdf_choice
 
     logits = torch.randn(rows, vocab) * 3
     gens = [torch.Generator().manual_seed(i) for i in range(rows)]
     out = {}
-    for name, fn in (("old_gumbel_ms", _old_gumbel_choice), ("new_inverse_cdf_ms", _inverse_cdf_choice)):
+    for name, fn in (("old_gumbel_ms", _old_gumbel_choice), ("new_inverse_cdf_ms", inverse_cdf_choice)):
         fn(logits, gens, 1.0, 1.0)
         t0 = time.perf_counter()
         for _ in range(calls):

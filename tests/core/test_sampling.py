@@ -20,12 +20,12 @@ def test_inverse_cdf_choice_samples_the_tempered_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     n = 6000
     gens = [torch.Generator().manual_seed(s) for s in range(n)]
-    draws = torch.cat([sampling._inverse_cdf_choice(logits, [g], 0.7, 1.0) for g in gens])
+    draws = torch.cat([sampling.inverse_cdf_choice(logits, [g], 0.7, 1.0) for g in gens])
     freq = torch.bincount(draws, minlength=5).double() / n
     expected = torch.softmax(logits[0].double() / 0.7, -1)
     assert torch.allclose(freq, expected, atol=0.02)
     # top_p = 0.8: the nucleus of softmax(logits) is {0, 1} (0.64 + 0.24 >= 0.8), renormalised.
-    draws = torch.cat([sampling._inverse_cdf_choice(logits, [g], 1.0, 0.8) for g in gens[:3000]])
+    draws = torch.cat([sampling.inverse_cdf_choice(logits, [g], 1.0, 0.8) for g in gens[:3000]])
     p = torch.softmax(logits[0].double(), -1)
     assert set(draws.tolist()) == {0, 1}
     assert (draws == 0).double().mean().item() == pytest.approx(float(p[0] / (p[0] + p[1])), abs=0.03)
@@ -77,9 +77,9 @@ def test_inverse_cdf_never_draws_a_zero_probability_token(monkeypatch):
     logits = torch.full((3, 50), float("-inf"))
     logits[:, [3, 17, 49]] = torch.tensor([0.0, 1.0, -1.0])
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
-    draws = torch.cat([sampling._inverse_cdf_choice(logits, gens, 1.0, 1.0) for _ in range(300)])
+    draws = torch.cat([sampling.inverse_cdf_choice(logits, gens, 1.0, 1.0) for _ in range(300)])
     assert set(draws.tolist()) == {3, 17, 49}
     # u at the very top of [0, 1) still lands on the last token with mass, never past it.
     monkeypatch.setattr(sampling.torch, "rand", lambda *a, **k: torch.tensor(1.0 - 2**-53, dtype=torch.float64))
     tail = torch.tensor([[0.0, 0.0, float("-inf")]])
-    assert sampling._inverse_cdf_choice(tail, [torch.Generator()], 1.0, 1.0).item() == 1
+    assert sampling.inverse_cdf_choice(tail, [torch.Generator()], 1.0, 1.0).item() == 1

@@ -578,6 +578,18 @@ def test_activations_in_bfloat16(toy, smol_tok, tmp_path, monkeypatch):
     assert half.direction.dtype == torch.float32
     keys = [json.loads((tmp_path / d / D.META_FILE).read_text())["config_key"] for d in ("fp32", "bf16")]
     assert "activation_dtype" not in keys[0] and keys[1]["activation_dtype"] == "bfloat16"
+    # Activations and selection both in bf16: the validation pass's harmless logits serve as the KL baseline
+    # (the same prompts, batches and dtype), so that pass is not run again; the choice is the same.
+    calls = []
+    real_last = D._last_logits
+    monkeypatch.setattr(D, "_last_logits", lambda *a, **k: calls.append(1) or real_last(*a, **k))
+    both = _stage(toy, smol_tok, tmp_path / "both", activation_dtype="bfloat16", selection_dtype="bfloat16")
+    n_both = len(calls)
+    calls.clear()
+    _stage(toy, smol_tok, tmp_path / "sel", selection_dtype="bfloat16")
+    assert n_both == len(calls) - 1
+    assert (both.layer, both.position) == (half.layer, half.position)
+
     changes = []  # a float32 result (or one stored before the setting existed) asked for in bf16: a change
     D.run_direction_stage(toy, smol_tok, {"name": "toy", "path": str(tmp_path / "fp32")}, tmp_path / "fp32",
                           HARMFUL[:6], HARMLESS[:6], HARMFUL[6:], HARMLESS[6:],

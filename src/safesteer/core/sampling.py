@@ -68,7 +68,7 @@ def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def _inverse_cdf_choice(logits: torch.Tensor, generators: Sequence[torch.Generator], temperature: float,
+def inverse_cdf_choice(logits: torch.Tensor, generators: Sequence[torch.Generator], temperature: float,
                         top_p: float) -> torch.Tensor:
     """One token per row, drawn from softmax(logits / T) restricted to the top-p nucleus, by inverse CDF.
 
@@ -91,7 +91,7 @@ def _inverse_cdf_choice(logits: torch.Tensor, generators: Sequence[torch.Generat
 class RowSampler(LogitsProcessor):
     """A transformers logits processor that samples row i from its own stream seeded with seeds[i].
 
-    It draws each row's next token (`_inverse_cdf_choice`, at the given temperature and nucleus) and
+    It draws each row's next token (`inverse_cdf_choice`, at the given temperature and nucleus) and
     returns scores that keep only that token, so generation run greedily emits exactly the sample.
     """
 
@@ -104,7 +104,7 @@ class RowSampler(LogitsProcessor):
             raise SafesteerError(f"seeded sampling got {scores.shape[0]} rows but {len(self.seeds)} seeds")
         if not self.generators:
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        chosen = _inverse_cdf_choice(scores, self.generators, self.temperature, self.top_p)
+        chosen = inverse_cdf_choice(scores, self.generators, self.temperature, self.top_p)
         onehot = torch.full_like(scores, float("-inf"))
         return onehot.scatter_(-1, chosen[:, None], 0.0)
 

@@ -933,8 +933,11 @@ def run_direction_stage(model: nn.Module, tokenizer: Any, identity: dict, out_di
             f"way from {baseline['harmless_val_refusal_score']:.3f} to {baseline['harmful_val_refusal_score']:.3f})")
     select_config = replace(config, induce_threshold=induce_threshold, induce_fraction=None)
     try:
+        same_pass = config.activation_dtype == config.selection_dtype and len(lv_enc) == len(enc["harmless_val"])
         with generation_precision(model, resolve_generation_dtype(config.selection_dtype, model)) as cast:
-            if cast:  # the KL baseline in the same dtype as the ablated forwards, or KL would measure rounding
+            # The KL baseline in the same dtype as the ablated forwards, or KL would measure rounding. The
+            # validation pass's logits are that baseline already when it ran in this dtype on the same prompts.
+            if cast and not same_pass:
                 base_logits = _scatter(_last_logits(model, lv_enc, config.batch_size, lambda lg, rows: (rows, lg)),
                                        len(lv_enc))
             selection = _select(model, candidates, hv_enc, lv_enc, base_logits, refusal_ids, select_config, progress)

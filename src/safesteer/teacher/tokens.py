@@ -40,7 +40,7 @@ from ..core.anatomy import end_of_turn_ids, format_prompts, output_head, unwrap_
 from ..core.generation import effective_dtype_name, generation_precision, resolve_generation_dtype
 from ..core.forward import model_device, positions_from_mask
 from ..core.prepack import packed_copy
-from ..core.sampling import rollout_seeds
+from ..core.sampling import inverse_cdf_choice, rollout_seeds
 from ..errors import SafesteerError
 from ..io.models import comparable_identity, model_family
 from ..io.prompts import Prompt, prompt_texts
@@ -373,13 +373,13 @@ def rollout_batch(model: Any, tokenizer: Any, teacher_ctx: Callable[[], ContextM
                 break
             # Temperature 1, top_p 1, no early stop: a plain categorical draw with end of turn removed,
             # so exactly H-1 tokens come out (as generate with min_new_tokens = max_new_tokens = H-1).
-            probs = logits.index_fill_(-1, suppress, float("-inf")).softmax(-1)
-            if per_row:
-                nxt = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generator)])[:, None]
+            logits.index_fill_(-1, suppress, float("-inf"))
+            if per_row:  # one uniform per row and an inverse CDF, the training rollouts' sampler
+                nxt = inverse_cdf_choice(logits, generator, 1.0, 1.0)[:, None]
             else:
-                nxt = torch.multinomial(probs, 1, generator=generator)
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
             tokens[:, j] = nxt[:, 0]
-            del probs, logits
+            del logits
             out = model(input_ids=nxt, attention_mask=step_mask(j + 1), position_ids=last_pos + j + 1,
                         past_key_values=cache, use_cache=True, output_hidden_states=True)
             logits = out.logits[:, -1].float()
