@@ -469,6 +469,48 @@ def test_grouped_capture_equals_the_plain_capture(arch):
     assert no_hooks_left(model)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grouped_scored_hidden_equals_the_full_forward_with_steering_and_gradients(arch):
+    from safesteer.core.steering import scored_hidden_grouped
+
+    model = copy.deepcopy(tiny(arch))
+    ids, mask = _grouped_rows()
+    kwargs = _forward_kwargs(ids, mask)
+    kwargs.pop("use_cache")
+    with torch.no_grad():
+        start = capture_layer_input(model, 1, **kwargs, use_cache=False)
+    r = direction()
+    coeffs = torch.tensor([1.5, 1.5, 1.5, -0.5, -0.5, -0.5])  # per row, equal within each prompt's group
+    params = [p for p in model.parameters() if p.dim() == 2][-3:]  # upper weights get gradients
+
+    def run(grouped: bool):
+        model.zero_grad(set_to_none=True)
+        if grouped:
+            hidden = scored_hidden_grouped(model, start, 3, 5, **kwargs,
+                                           context=lambda rows: add_direction(model, r, 1, coeffs[rows]))
+        else:
+            with add_direction(model, r, 1, coeffs), start_at_layer(model, start):
+                hidden = model(**kwargs, output_hidden_states=True, use_cache=False).hidden_states[-1][:, 4:]
+        valid = mask[:, 4:].bool()
+        (hidden[valid] * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+        return hidden.detach(), [p.grad.clone() for p in params if p.grad is not None]
+
+    (h_full, g_full) = run(False)
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]  # transformers' own too
+    (h_group, g_group) = run(True)
+    valid = mask[:, 4:].bool()
+    assert h_group.shape == h_full.shape == (6, 5, D)
+    torch.testing.assert_close(h_group[valid], h_full[valid], atol=1e-5, rtol=1e-5)
+    assert len(g_group) == len(g_full) > 0
+    for a, b in zip(g_group, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    other = ids.clone()
+    other[4, 0] = (other[4, 0] + 1) % V
+    assert scored_hidden_grouped(model, start, 3, 5, **{**kwargs, "input_ids": other}) is None  # not grouped
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+    assert no_forward_shadowed(model)
+
+
 def test_start_at_layer_keeps_padding_positions_as_the_full_forward():
     model = tiny("qwen2")
     ids, mask = batch()

@@ -254,6 +254,16 @@ def capture_layer_input(model: nn.Module, layer: int, **forward_kwargs) -> Layer
     return found[layer]
 
 
+def prompts_grouped(group: int, prompt_len: int, *columns: torch.Tensor) -> bool:
+    """Whether the rows come in consecutive groups of `group` that agree on their first `prompt_len` columns (in
+    every tensor given: ids, mask, positions), with columns left after the prompt."""
+    n, width = columns[0].shape[:2]
+    if not (group > 1 and n % group == 0 and 0 < prompt_len < width):
+        return False
+    heads = [t[:, :prompt_len] for t in columns]
+    return all(torch.equal(t, t[::group].repeat_interleave(group, 0)) for t in heads)
+
+
 def capture_layer_input_grouped(model: nn.Module, layer: int, group: int, prompt_len: int, input_ids: torch.Tensor,
                                 attention_mask: torch.Tensor, position_ids: torch.Tensor) -> LayerInput:
     """`capture_layer_input` for rows that come in consecutive groups of `group` with the same first `prompt_len`
@@ -267,18 +277,14 @@ def capture_layer_input_grouped(model: nn.Module, layer: int, group: int, prompt
     """
     from transformers.cache_utils import DynamicCache
 
-    n, width = input_ids.shape
-    grouped = group > 1 and n % group == 0 and 0 < prompt_len < width
-    if grouped:
-        first = slice(None, None, group)
-        heads = (input_ids[:, :prompt_len], attention_mask[:, :prompt_len], position_ids[:, :prompt_len])
-        grouped = all(torch.equal(t, t[first].repeat_interleave(group, 0)) for t in heads)
     plain = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    if not grouped:
+    if not prompts_grouped(group, prompt_len, input_ids, attention_mask, position_ids):
         return capture_layer_input(model, layer, **plain)
+    first = slice(None, None, group)
     cache = DynamicCache()  # filled by the layers below `layer`; the capture stops the forward there
-    prompt = capture_layer_input(model, layer, input_ids=heads[0][first], attention_mask=heads[1][first],
-                                 position_ids=heads[2][first], past_key_values=cache, use_cache=True)
+    prompt = capture_layer_input(model, layer, input_ids=input_ids[first, :prompt_len],
+                                 attention_mask=attention_mask[first, :prompt_len],
+                                 position_ids=position_ids[first, :prompt_len], past_key_values=cache, use_cache=True)
     if cache.get_seq_length() != prompt_len:  # the model kept no cache of its own layers: compute it plainly
         return capture_layer_input(model, layer, **plain)
     cache.batch_repeat_interleave(group)
@@ -367,6 +373,48 @@ def start_at_layer(model: nn.Module, start: LayerInput) -> Iterator[None]:
                 del block.forward
             else:
                 block.forward = previous
+
+
+def scored_hidden_grouped(model: nn.Module, start: LayerInput, group: int, prompt_len: int, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                          context: Callable[[slice], ContextManager] | None = None) -> torch.Tensor | None:
+    """Final hidden states ([N, W - prompt_len + 1, d]) at the columns from the prompt's last one on, the
+    forward beginning at `start`, each group's prompt columns run once (rows as in `capture_layer_input_grouped`).
+
+    What a full forward from `start` gives at those columns (`train.rollout.RolloutBatch.scored_hidden`), up to
+    rounding: the group's first row runs the prompt columns into a KV cache of the layers from `start.layer` up,
+    the cache is repeated for the group, and the rest of the columns run per row; under autograd the gradient of
+    the prompt's keys and values is the sum over the group's rows, as in the full forward. `context(rows)` is
+    entered around each of the two forwards with the rows it covers (`slice(None, None, group)`, then
+    `slice(None)`), e.g. a steering hook with per-row coefficients. None where the rows are not grouped so:
+    run the plain forward then.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    if not prompts_grouped(group, prompt_len, input_ids, attention_mask, position_ids):
+        return None
+    context = context or (lambda rows: nullcontext())
+
+    def forward(rows: slice, cols: slice, cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+        part = LayerInput(start.layer, start.hidden[rows, cols], start.output_arity)
+        with context(rows), start_at_layer(model, part):
+            out = model(input_ids=input_ids[rows, cols], attention_mask=mask, position_ids=position_ids[rows, cols],
+                        past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1]
+
+    first = slice(None, None, group)
+    cache = DynamicCache()
+    last_prompt = forward(first, slice(None, prompt_len), cache, attention_mask[first, :prompt_len])[:, -1:]
+    computed = cache.layers[start.layer] if len(cache.layers) > start.layer else None
+    if computed is None or getattr(computed, "keys", None) is None or cache.get_seq_length(start.layer) != prompt_len:
+        return None
+    # The layers below the start were handed through and cached nothing; the cache's length (the model reads it
+    # off layer 0 for positions and masks) must say the prompt is there: placeholders of its shape, never read.
+    for i in range(start.layer):
+        cache.update(torch.zeros_like(computed.keys), torch.zeros_like(computed.values), i)
+    cache.batch_repeat_interleave(group)
+    rest = forward(slice(None), slice(prompt_len, None), cache, attention_mask)
+    return torch.cat([last_prompt.repeat_interleave(group, 0), rest], dim=1)
 
 
 def starting_at(model: nn.Module, start: LayerInput | None) -> ContextManager:

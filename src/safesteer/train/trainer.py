@@ -48,7 +48,7 @@ from .. import parallel
 from ..core.forward import final_hidden_states, model_device
 from ..core.generation import fast_bf16
 from ..core.sampling import rollout_seeds, seeded_sampling, step_seed
-from ..core.steering import starting_at
+from ..core.steering import scored_hidden_grouped, starting_at
 from ..errors import SafesteerError
 from ..io.prompts import prompt_texts
 from ..utils import (append_jsonl, disk_full_error, is_disk_full, phase, read_json, read_jsonl, release_freed_memory,
@@ -168,6 +168,19 @@ class SteeredTeacher:
         self.model.eval()
         with torch.no_grad(), self.base(), self.steering(coeffs), starting_at(self.model, start), autocast():
             return final_hidden_states(self.model, **inputs)
+
+    def scored_hidden(self, inputs: dict, batch: Any, group: int, autocast: Any = contextlib.nullcontext,
+                      start: Any = None, coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        """`batch.scored_hidden(self.hidden(...))`; from `start`, each prompt's columns run once for its `group`
+        rollouts (`core.steering.scored_hidden_grouped`), the steering coefficients sliced to match."""
+        if start is not None:
+            self.model.eval()
+            with torch.no_grad(), self.base(), autocast():
+                hidden = scored_hidden_grouped(self.model, start, group, batch.prompt_len, **inputs,
+                                               context=lambda rows: self.steering(None if coeffs is None else coeffs[rows]))
+            if hidden is not None:
+                return hidden
+        return batch.scored_hidden(self.hidden(inputs, autocast, start, coeffs))
 
     def base(self) -> Any:
         """The base weights: the LoRA adapter switched off (the frozen copy needs nothing)."""
@@ -424,12 +437,16 @@ class Trainer:
         inputs = batch.model_inputs()
         t0 = time.perf_counter()
         start = self.lower_pass(inputs, batch) if self.share_lower_layers else None
-        teacher_hidden = batch.scored_hidden(self.teacher.hidden(inputs, self.autocast, start, plan.coeffs))
+        group = cfg.rollouts_per_prompt  # from the shared pass on, each prompt's columns run once for its rollouts
+        teacher_hidden = self.teacher.scored_hidden(inputs, batch, group, self.autocast, start, plan.coeffs)
         t1 = time.perf_counter()
         self.model.train()
         with self.autocast():
-            with starting_at(self.model, start):
-                student_hidden = batch.scored_hidden(final_hidden_states(self.model, **inputs))
+            student_hidden = None if start is None else scored_hidden_grouped(self.model, start, group,
+                                                                              batch.prompt_len, **inputs)
+            if student_hidden is None:
+                with starting_at(self.model, start):
+                    student_hidden = batch.scored_hidden(final_hidden_states(self.model, **inputs))
             student_head, teacher_head = self.student_head, self.teacher.head
             if self.float32_head:
                 student_head, teacher_head = in_float32(student_head), in_float32(teacher_head)
