@@ -316,3 +316,27 @@ def test_bf16_autocast_with_float32_heads_scores_closer_to_float32_than_bf16_hea
     # On this 32-wide model the bf16 layers dominate the gradient's error either way (on the default model: 3.5% with
     # float32 heads, 8.8% without, README "Time and memory"); it stays a rounding-sized error.
     assert 0 < grad_err["bf16, float32 heads"] < 0.1
+
+
+def test_student_with_lora_dropout_scores_each_rollout_on_its_own(tmp_path, smol_tokenizer, spec, safety_ids, monkeypatch):
+    """Grouping a prompt's rollouts would share one dropout draw over the prompt's positions: not with dropout."""
+    import safesteer.train.trainer as trainer_module
+
+    groups = []
+    real = trainer_module.scored_hidden_grouped
+
+    def spy(model, start, group, *args, **kwargs):
+        groups.append(group)
+        return real(model, start, group, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "scored_hidden_grouped", spy)
+    for dropout in (0.0, 0.1):
+        trainer = Trainer(tiny(smol_tokenizer), smol_tokenizer, spec, safety_ids, PROMPTS,
+                          config(steps=1, lora_layers="from_steering", lora_dropout=dropout), tmp_path / str(dropout),
+                          progress=False)
+        assert trainer.share_lower_layers
+        groups.clear()
+        rows = trainer.train()
+        assert math.isfinite(rows[-1]["loss"])
+        # Teacher (eval mode, no dropout) then student: the student groups only without dropout.
+        assert groups == ([2, 2] if dropout == 0.0 else [2, 1]), (dropout, groups)

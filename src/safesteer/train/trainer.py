@@ -426,7 +426,9 @@ class Trainer:
         """The loss between teacher and student on the rollouts (a loss.DistillationOutput), not back-propagated.
 
         With `share_lower_layers` the layers below the steering layer run once, under no_grad, and
-        both models start at the steering layer from their output; otherwise each runs every layer.
+        both models start at the steering layer from their output; otherwise each runs every layer. From
+        there on each prompt's positions run once for its rollouts (`core.steering.scored_hidden_grouped`),
+        except in a student with LoRA dropout, whose rollouts must each draw their own dropout units.
         `timings`, if given, receives the teacher's seconds (shared pass included) and when it ended.
         `plan` (beyond the paper) gives rows their own teacher coefficients and loss weights.
         """
@@ -442,7 +444,8 @@ class Trainer:
         t1 = time.perf_counter()
         self.model.train()
         with self.autocast():
-            student_hidden = None if start is None else scored_hidden_grouped(self.model, start, group,
+            student_group = group if cfg.lora_dropout == 0 else 1  # 1: not grouped
+            student_hidden = None if start is None else scored_hidden_grouped(self.model, start, student_group,
                                                                               batch.prompt_len, **inputs)
             if student_hidden is None:
                 with starting_at(self.model, start):
