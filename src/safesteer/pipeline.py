@@ -49,11 +49,10 @@ STAGE_FILES = {
 }
 # --overwrite removes these as well: the run starts over.
 RUN_FILES = ("eval", "timings.json")
-# Training settings that do not change the trained model: how often it checkpoints, after how many non-finite
-# steps in a row it stops, and the preset's name
-# (the values it sets are compared one by one).
-# Settings a trained model or an interrupted run is reused across: they change no result (chunk_size is a memory
-# knob: the loss is the same at any chunk size, to float rounding; cpu-gated's went from 32 to 64 at 4ce8eeb).
+# Training settings a trained model or an interrupted run is reused across, since they change no result: how often
+# it checkpoints, after how many non-finite steps in a row it stops, the preset's name (the values it sets are
+# compared one by one) and chunk_size (a memory knob: the loss is the same at any chunk size, to float rounding;
+# cpu-gated's went from 32 to 64 at 4ce8eeb).
 TRAINING_FREE = ("checkpoint_every", "max_nonfinite_steps", "preset", "chunk_size")
 
 
